@@ -1,0 +1,55 @@
+# uniir-kit. `make reproduce` and `make test` are the two commands; each sets up what it needs.
+SHELL := /bin/bash
+PROFILE ?= tiny
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.uniir-kit-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test reproduce lab notebooks readme lock clean distclean
+
+setup: $(STAMP)
+
+# Idempotent: rebuilt only when the lock or pyproject change. uv when it can be had (fast), pip otherwise.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@if command -v uv >/dev/null 2>&1; then UV=uv; \
+	elif $(PY) -m pip install -q --disable-pip-version-check uv >/dev/null 2>&1; then UV=$(VENV)/bin/uv; \
+	else UV=; fi; \
+	if [ -n "$$UV" ]; then \
+	  echo "setup: installing requirements.lock into $(VENV) with uv"; \
+	  $$UV pip install -q --python $(PY) -r requirements.lock && $$UV pip install -q --python $(PY) --no-deps -e .; \
+	else \
+	  echo "setup: installing requirements.lock into $(VENV) with pip"; \
+	  $(PY) -m pip install -q -r requirements.lock && $(PY) -m pip install -q --no-deps -e .; \
+	fi
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (uniir-kit)" >/dev/null
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+reproduce: setup
+	$(PY) -m uniir_lite reproduce --profile $(PROFILE)
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+notebooks: setup
+	$(PY) -m uniir_lite notebooks sync
+
+# Record the wall times of the last `make reproduce` and regenerate the README's measured tables.
+readme: setup
+	$(PY) -m uniir_lite readme --record runs/$(PROFILE)/report.json
+
+lock:
+	uv pip compile pyproject.toml --all-extras --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --no-header --no-annotate -o requirements.lock
+	sed -i '1i # Pinned, tested set for Linux x86_64 + Python 3.11. Regenerate with `make lock`.' requirements.lock
+
+clean:
+	rm -rf runs .pytest_cache figures/*/
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) data

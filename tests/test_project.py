@@ -1,0 +1,94 @@
+"""The project's static contract: pins, notebook pairs, manifest, README tables, CI script."""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from uniir_lite import harness, readme
+from uniir_lite.config import KNOBS, load_profile, profile_names
+from uniir_lite.record import load_expected
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+
+
+def lock_pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_lock_pins_every_dependency_of_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        requirements += extra
+    pins = lock_pins()
+    for text in requirements:
+        req = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in pins, f"{req.name} is in pyproject.toml but not pinned in requirements.lock (run `make lock`)"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} breaks {text!r}"
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+
+
+def test_environment_yml_delegates_to_the_lock():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    pip = [d for d in env["dependencies"] if isinstance(d, dict)]
+    assert sorted(conda) == ["pip", "python=3.11"], "conda packages beyond python and pip would drift from the lock"
+    assert pip == [{"pip": ["-r requirements.lock", "-e ."]}]
+    assert "Python 3.11" in (ROOT / "requirements.lock").read_text().splitlines()[0]
+
+
+def test_profiles_define_every_knob():
+    assert profile_names() == ["full", "gpu", "tiny"]
+    for name in profile_names():
+        values = load_profile(name)
+        assert values["PROFILE"] == name
+        assert set(values) == set(KNOBS), f"profiles/{name}.yaml: {set(values) ^ set(KNOBS)}"
+
+
+def test_manifest_lists_exactly_the_notebooks():
+    manifest = harness.read_manifest()
+    assert manifest == sorted(manifest), "notebooks run in their numbered order"
+    assert manifest == [p.stem for p in NOTEBOOK_SOURCES]
+    info = yaml.safe_load((ROOT / "notebooks" / "manifest.yaml").read_text())["notebooks_info"]
+    assert [entry["name"] for entry in info] == manifest
+
+
+@pytest.mark.parametrize("py", NOTEBOOK_SOURCES, ids=lambda p: p.stem)
+def test_notebook_pair_in_sync_and_without_outputs(py):
+    ipynb = py.with_suffix(".ipynb")
+    assert ipynb.is_file(), f"{ipynb.name} missing: run `make notebooks`"
+    assert ipynb.read_text() == harness.paired_ipynb_text(py), f"{ipynb.name} is out of sync: run `make notebooks`"
+    for cell in json.loads(ipynb.read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+
+
+@pytest.mark.parametrize("py", NOTEBOOK_SOURCES, ids=lambda p: p.stem)
+def test_notebook_contract(py):
+    assert harness.contract_problems(py) == []
+    expected = load_expected(ROOT / "results" / "expected_tiny.json")
+    assert expected.get(py.stem), f"results/expected_tiny.json has no metrics for {py.stem}"
+
+
+def test_readme_tables_are_generated():
+    text = (ROOT / "README.md").read_text()
+    assert readme.render(text) == text, "README.md tables are stale: run `make readme`"
+    assert "make reproduce" in text and "make test" in text
+
+
+def test_ci_runs_the_readme_test_command():
+    script = (ROOT / ".ci" / "run").read_text()
+    assert "set -euo pipefail" in script and re.search(r"^make test$", script, re.M)

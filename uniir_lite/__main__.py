@@ -1,0 +1,5 @@
+import sys
+
+from uniir_lite.cli import main
+
+sys.exit(main())

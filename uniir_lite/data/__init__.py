@@ -1,0 +1,1 @@
+"""Data: the M-BEIR format (`mbeir`) and the synthetic benchmark written in it (`synthetic`)."""

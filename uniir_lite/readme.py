@@ -1,0 +1,83 @@
+"""README tables generated from measured files, never typed in.
+
+`make readme` records the wall times of the latest `make reproduce` (runs/<profile>/report.json) into
+`results/runtimes.json` and regenerates the blocks between `<!-- BEGIN name -->` and `<!-- END name -->`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from uniir_lite.config import repo_root
+from uniir_lite.record import write_json_atomic
+
+PROFILES = ("tiny", "gpu", "full")
+
+
+def runtimes_path() -> Path:
+    return repo_root() / "results" / "runtimes.json"
+
+
+def load_runtimes() -> dict:
+    path = runtimes_path()
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_runtimes(report_json: str | Path) -> Path:
+    """Copy the per-notebook seconds of one successful report into results/runtimes.json."""
+    report = json.loads(Path(report_json).read_text())
+    if not report.get("ok"):
+        raise ValueError(f"{report_json}: the run did not pass; record runtimes only from a passing run")
+    env = report["environment"]
+    runtimes = load_runtimes()
+    runtimes[report["profile"]] = {
+        "device": env.get("cuda") or f"cpu ({env.get('cpu_count')} cores)",
+        "date": report["started"][:10],
+        "git": env.get("git"),
+        "seconds": {nb["name"]: nb["seconds"] for nb in report["notebooks"]},
+    }
+    write_json_atomic(runtimes_path(), runtimes)
+    return runtimes_path()
+
+
+def notebook_table() -> str:
+    manifest = yaml.safe_load((repo_root() / "notebooks" / "manifest.yaml").read_text())
+    runtimes = load_runtimes()
+    header = "| # | notebook | what it teaches | " + " | ".join(
+        f"{p} ({runtimes[p]['device']})" if p in runtimes else p for p in PROFILES
+    ) + " |"
+    lines = [header, "|---|---|---|" + "---:|" * len(PROFILES)]
+    for entry in manifest["notebooks_info"]:
+        cells = []
+        for profile in PROFILES:
+            seconds = runtimes.get(profile, {}).get("seconds", {}).get(entry["name"])
+            need = entry["hardware"][profile]
+            cells.append(f"{seconds / 60:.1f} min, {need}" if seconds is not None else f"not yet measured, {need}")
+        number = entry["name"][:2]
+        lines.append(f"| {number} | [{entry['name']}](notebooks/{entry['name']}.ipynb) | {entry['teaches']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+BLOCKS = {"notebooks": notebook_table}
+
+
+def render(text: str) -> str:
+    for name, make in BLOCKS.items():
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"README.md has no '<!-- BEGIN {name} -->' ... '<!-- END {name} -->' block")
+        text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
+    return text
+
+
+def update_readme() -> bool:
+    path = repo_root() / "README.md"
+    old = path.read_text()
+    new = render(old)
+    if new != old:
+        path.write_text(new)
+    return new != old
