@@ -1,0 +1,295 @@
+"""Metrics: UniIR's Recall@k, standard IR measures, the modality-error rate and the paper's table.
+
+Taught in notebooks 00 and 09. A run is `{qid: [(did, score), ...]}` with results best first (as
+`retrieval.read_run` and `retrieval.search_dids` give them); `qrels_rel` is `{qid: {did: relevance}}`
+(as `data.mbeir.read_qrels(...).rel`). Every average is over the queries of the qrels that have at
+least one positive (relevance > 0); a query missing from the run scores 0.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import ir_measures
+import pandas as pd
+
+from uniir_lite.data.mbeir import (
+    EVAL_PAIRS,
+    TASKS,
+    MBEIRFormatError,
+    Qrels,
+    parse_id,
+    pool_modalities,
+    read_pool,
+    read_qrels,
+)
+from uniir_lite.retrieval import read_run
+
+Run = Mapping[str, Sequence[tuple[str, float]]]
+QrelsRel = Mapping[str, Mapping[str, int]]
+
+
+def _positives(qrels_rel: QrelsRel) -> dict[str, set[str]]:
+    """{qid: set of positive dids} for the queries that have at least one positive."""
+    positives = {qid: {did for did, r in rels.items() if r > 0} for qid, rels in qrels_rel.items()}
+    positives = {qid: dids for qid, dids in positives.items() if dids}
+    if not positives:
+        raise ValueError("the qrels hold no query with a positive (relevance > 0)")
+    return positives
+
+
+def _top_k(run: Run, qid: str, k: int | None) -> list[str]:
+    """The first k dids (all if k is None) retrieved for `qid`; none if it is absent from the run."""
+    dids = [did for did, _ in run.get(qid, ())]
+    if len(set(dids)) != len(dids):
+        raise ValueError(f"the run lists a did twice for qid {qid}")
+    return dids[:k]
+
+
+def _mean(values: Mapping[str, float]) -> float:
+    return sum(values.values()) / len(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# UniIR's Recall@k (a hit rate)
+# ---------------------------------------------------------------------------------------------
+
+
+def recall_at_k_per_query(run: Run, qrels_rel: QrelsRel, k: int) -> dict[str, float]:
+    """UniIR's Recall@k per query: 1.0 if ANY positive is among the top k, else 0.0.
+
+    Taught in notebook 00. This is `compute_recall_at_k` of UniIR's mbeir_retriever.py, i.e.
+    trec_eval's `success.k` (Success@k), not its fractional `recall.k`.
+    """
+    return {
+        qid: float(not positives.isdisjoint(_top_k(run, qid, k)))
+        for qid, positives in _positives(qrels_rel).items()
+    }
+
+
+def recall_at_k(run: Run, qrels_rel: QrelsRel, k: int) -> float:
+    """UniIR's Recall@k averaged over the queries of the qrels: the number the paper reports.
+
+    Taught in notebook 00.
+    """
+    return _mean(recall_at_k_per_query(run, qrels_rel, k))
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard measures through an independent library (ir_measures, backend pytrec_eval)
+# ---------------------------------------------------------------------------------------------
+
+
+def ir_measures_per_query(run: Run, qrels_rel: QrelsRel, measure: str) -> dict[str, float]:
+    """Per-query values of an ir_measures measure such as "R@5", "nDCG@10" or "Success@5".
+
+    Taught in notebook 09. trec_eval re-sorts a run by score and breaks ties by docid, which
+    could reorder our ranking; we hand it scores n, n-1, ..., 1 taken from our rank order, so it
+    sees exactly our ranking.
+    """
+    positives = _positives(qrels_rel)
+    ir_qrels = {qid: {did: int(qrels_rel[qid][did]) for did in dids} for qid, dids in positives.items()}
+    ir_run = {}
+    for qid in positives:
+        dids = _top_k(run, qid, None)
+        if dids:
+            ir_run[qid] = {did: float(len(dids) - rank) for rank, did in enumerate(dids)}
+    values = dict.fromkeys(positives, 0.0)
+    for metric in ir_measures.pytrec_eval.iter_calc([ir_measures.parse_measure(measure)], ir_qrels, ir_run):
+        values[metric.query_id] = float(metric.value)
+    return values
+
+
+def fractional_recall_at_k(run: Run, qrels_rel: QrelsRel, k: int) -> float:
+    """trec_eval's recall.k: |positives in top k| / |positives|, averaged (ir_measures `R@k`).
+
+    Taught in notebook 09. Never above UniIR's Recall@k; lower on multi-positive pairs such as
+    MSCOCO image->text (5 captions per image).
+    """
+    return _mean(ir_measures_per_query(run, qrels_rel, f"R@{k}"))
+
+
+def ndcg_at_k(run: Run, qrels_rel: QrelsRel, k: int) -> float:
+    """nDCG@k (ir_measures `nDCG@k`, trec_eval's ndcg_cut.k), averaged. Taught in notebook 09."""
+    return _mean(ir_measures_per_query(run, qrels_rel, f"nDCG@{k}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Modality errors
+# ---------------------------------------------------------------------------------------------
+
+
+def _canonical_modality(modality: str) -> str:
+    # "text,image" (the HF card's spelling) and "image,text" (the files') are the same modality.
+    return ",".join(sorted(modality.split(",")))
+
+
+def modality_error_at_k(
+    run: Run, qrels_rel: QrelsRel, did_modality: Mapping[str, str], k: int
+) -> float:
+    """Share of retrieved top-k results whose modality is not the modality the query asks for.
+
+    Taught in notebooks 07 and 09. The paper shows modality errors (e.g. a caption retrieved for a
+    text->image query) but reports no such number; this rate is the kit's own definition. The
+    wanted modality of a query is that of its positives; if they have several modalities, a
+    result is an error when its modality is none of them. The rate is pooled over all retrieved
+    top-k results of the qrels' queries (the mean of per-query rates when every query has k
+    results); 0.0 when nothing was retrieved.
+    """
+
+    def modality_of(did: str, qid: str) -> str:
+        if did not in did_modality:
+            raise ValueError(f"did {did} (qid {qid}) is not in the candidate pool")
+        return _canonical_modality(did_modality[did])
+
+    errors = results = 0
+    for qid, positives in _positives(qrels_rel).items():
+        wanted = {modality_of(did, qid) for did in positives}
+        retrieved = [modality_of(did, qid) for did in _top_k(run, qid, k)]
+        errors += sum(modality not in wanted for modality in retrieved)
+        results += len(retrieved)
+    return errors / results if results else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The 16 (dataset, task) pairs and the paper's table
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_pairs(
+    run: Run, qrels: Qrels, did_modality: Mapping[str, str] | None = None
+) -> list[dict]:
+    """Score a run on each of M-BEIR's 16 (dataset, task) pairs that the qrels hold.
+
+    Taught in notebook 09. A query belongs to the pair given by its qid's dataset prefix ("9:6"
+    -> MSCOCO) and its qrels task id, so one qrels file may hold several pairs (as in a global
+    evaluation). Returns, in the paper's row order and leaving out pairs without queries:
+    `{"dataset", "task_id", "n_queries", "metrics": {"recall@1", "recall@5", "recall@10",
+    "fractional_recall@5", "ndcg@10"[, "modality_error@5" when did_modality is given]}}`,
+    every metric a fraction in [0, 1].
+    """
+    pair_index = {(pair.dataset_id, pair.task_id): i for i, pair in enumerate(EVAL_PAIRS)}
+    by_pair: dict[int, dict[str, Mapping[str, int]]] = {}
+    for qid, rels in qrels.rel.items():
+        if qid not in qrels.task:
+            raise ValueError(f"qid {qid} has no task id; use UniIR's 5-column qrels (qid 0 did 1 task_id)")
+        dataset_id, _ = parse_id(qid)
+        key = (dataset_id, qrels.task[qid])
+        if key not in pair_index:
+            raise ValueError(
+                f"qid {qid} with task id {key[1]} is not one of the 16 M-BEIR evaluation pairs"
+            )
+        by_pair.setdefault(pair_index[key], {})[qid] = rels
+
+    results = []
+    for i, pair in enumerate(EVAL_PAIRS):
+        pair_rel = by_pair.get(i)
+        if not pair_rel:
+            continue
+        metrics = {
+            "recall@1": recall_at_k(run, pair_rel, 1),
+            "recall@5": recall_at_k(run, pair_rel, 5),
+            "recall@10": recall_at_k(run, pair_rel, 10),
+            "fractional_recall@5": fractional_recall_at_k(run, pair_rel, 5),
+            "ndcg@10": ndcg_at_k(run, pair_rel, 10),
+        }
+        if did_modality is not None:
+            metrics["modality_error@5"] = modality_error_at_k(run, pair_rel, did_modality, 5)
+        results.append(
+            {
+                "dataset": pair.dataset,
+                "task_id": pair.task_id,
+                "n_queries": len(_positives(pair_rel)),
+                "metrics": metrics,
+            }
+        )
+    return results
+
+
+def paper_table(results: Sequence[Mapping]) -> pd.DataFrame:
+    """The paper's table (Tables 2 and 6) from `evaluate_pairs` results, in percent.
+
+    Taught in notebook 09. One row per pair present, in the paper's order, with the paper's
+    metric (Recall@5; Recall@10 for Fashion200K and FashionIQ), then an "Average" row: the plain
+    mean over the rows present, as the paper averages its 16 rows. Columns: task (paper number
+    and short name, e.g. "1. qt->ci"), dataset, metric, value.
+    """
+    by_key = {(r["dataset"], r["task_id"]): r for r in results}
+    rows = []
+    for pair in EVAL_PAIRS:
+        result = by_key.get((pair.dataset, pair.task_id))
+        if result is None:
+            continue
+        task = TASKS[pair.task_id]
+        rows.append(
+            {
+                "task": f"{task.paper_number}. {task.short}",
+                "dataset": pair.dataset,
+                "metric": f"R@{pair.metric_k}",
+                "value": 100.0 * result["metrics"][f"recall@{pair.metric_k}"],
+            }
+        )
+    table = pd.DataFrame(rows, columns=["task", "dataset", "metric", "value"])
+    average = {"task": "", "dataset": "Average", "metric": "", "value": table["value"].mean()}
+    return pd.concat([table, pd.DataFrame([average])], ignore_index=True)
+
+
+def compare_tables(local: pd.DataFrame, global_: pd.DataFrame) -> pd.DataFrame:
+    """Two `paper_table`s side by side: columns task, dataset, metric, local, global, delta.
+
+    Taught in notebook 09. `delta` is global minus local (the cost of the heterogeneous pool);
+    rows follow the local table, then any rows only the global one has.
+    """
+    key = ["task", "dataset", "metric"]
+    # Paper order: the local rows, then rows only the global table has; the Average rows (each
+    # table's mean over its own rows) last. A left merge keeps the order of its left side.
+    rows = pd.concat([local[key], global_[key]]).drop_duplicates()
+    rows = pd.concat([rows[rows["dataset"] != "Average"], rows[rows["dataset"] == "Average"]])
+    merged = rows.merge(local.rename(columns={"value": "local"}), on=key, how="left").merge(
+        global_.rename(columns={"value": "global"}), on=key, how="left"
+    )
+    merged["delta"] = merged["global"] - merged["local"]
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: uniir-lite eval-run
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_run_command(run: str, qrels: str, pool: str | None, as_json: bool) -> int:
+    """`uniir-lite eval-run --run RUN --qrels QRELS [--pool POOL.jsonl] [--json]`.
+
+    Taught in notebook 09. Prints the paper's table (or, with `as_json`, the `evaluate_pairs`
+    list as JSON). With a pool, adds the modality-error rate. Bad input prints one
+    "path:line: message" line on stderr and returns 2.
+    """
+    try:
+        for path in (run, qrels, pool):
+            if path is not None and not Path(path).is_file():
+                raise MBEIRFormatError(path, None, "no such file")
+        ranked = read_run(run)
+        judgements = read_qrels(qrels)
+        did_modality = None
+        if pool is not None:
+            did_modality = pool_modalities(read_pool(pool))
+        results = evaluate_pairs(ranked, judgements, did_modality)
+        if not results:
+            raise MBEIRFormatError(qrels, None, "no query with a positive; nothing to evaluate")
+    except MBEIRFormatError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"uniir-lite eval-run: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable file, permissions
+        print(f"{e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(paper_table(results).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    return 0

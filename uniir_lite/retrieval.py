@@ -1,0 +1,390 @@
+"""Exact retrieval: cosine top-k search, TREC run files and embeddings on disk.
+
+Taught in notebook 09 (used from notebook 00 on). UniIR indexes L2-normalised embeddings in a
+faiss `Flat` index with inner-product metric, i.e. exact cosine similarity; `search` does the same
+either with faiss (`IndexFlatIP`) or with chunked torch matmuls that never hold the full
+[n_queries, n_candidates] score matrix, so a 5.6M-candidate pool streams through a GPU (or CPU).
+Both backends rank by score (descending) and break exact ties by candidate index (ascending).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from uniir_lite.data.mbeir import MBEIRFormatError
+
+PathLike = str | os.PathLike[str]
+Embeddings = np.ndarray | torch.Tensor
+Ranked = list[tuple[str, float]]  # one query's results: (did, score), best first
+
+# ---------------------------------------------------------------------------------------------
+# Exact top-k search
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(emb: Embeddings, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) as a float32 CPU/GPU tensor; only this slice is copied (fp16 shards stay fp16)."""
+    if isinstance(emb, torch.Tensor):
+        return emb[start:stop].float()
+    return torch.from_numpy(np.array(emb[start:stop], dtype=np.float32))
+
+
+def _check_shapes(q_emb: Embeddings, c_emb: Embeddings, k: int) -> None:
+    if q_emb.ndim != 2 or c_emb.ndim != 2:
+        raise ValueError(
+            f"embeddings must be 2-D [n, embed_dim]; got queries {tuple(q_emb.shape)}, "
+            f"candidates {tuple(c_emb.shape)}"
+        )
+    if q_emb.shape[1] != c_emb.shape[1]:
+        raise ValueError(
+            f"queries have embed_dim {q_emb.shape[1]} but candidates {c_emb.shape[1]}"
+        )
+    if c_emb.shape[0] == 0:
+        raise ValueError("the candidate pool is empty")
+    if c_emb.shape[0] >= 2**32:
+        raise ValueError("at most 2**32 - 1 candidates per search")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+
+
+def _tie_break_keys(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Pack (score, candidate index) into one int64 whose order is score desc, then index asc.
+
+    torch.topk does not say which of several equal scores it keeps. Unique keys make the result
+    deterministic: the high 32 bits are the float32 score mapped to an order-preserving int32
+    (negative floats have their magnitude bits flipped), the low 32 bits are 2**32 - 1 - index.
+    """
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return (ordered << 32) + (0xFFFFFFFF - idx)
+
+
+def _unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of _tie_break_keys: (float32 scores, int64 indices)."""
+    ordered = (keys >> 32).to(torch.int32)
+    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
+def _chunk_top_k(scores: torch.Tensor, c_idx: torch.Tensor, k: int) -> torch.Tensor:
+    """Packed keys of the k best candidates of one chunk: [qb, cb] scores -> [qb, min(k, cb)].
+
+    A float topk is cheap; only rows where equal scores straddle the k-th place (where topk may
+    keep any of the tied candidates) are redone on the packed keys of the whole row.
+    """
+    if scores.shape[1] <= k:
+        return _tie_break_keys(scores, c_idx.expand_as(scores))
+    vals, pos = scores.topk(k + 1, dim=1)  # [qb, k + 1]
+    keys = _tie_break_keys(vals[:, :k], c_idx[pos[:, :k]])  # [qb, k]
+    tied = (vals[:, k - 1] == vals[:, k]).nonzero().squeeze(1)  # [n_tied]
+    if len(tied):
+        keys[tied] = _tie_break_keys(scores[tied], c_idx.expand(len(tied), -1)).topk(k, dim=1).values
+    return keys
+
+
+def _search_torch(
+    q_emb: Embeddings,
+    c_emb: Embeddings,
+    k: int,
+    chunk_size: int,
+    query_chunk_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[np.ndarray, np.ndarray]:
+    n_q, n_c = q_emb.shape[0], c_emb.shape[0]
+    # Queries are normalised once and stay on the device; candidates stream through in chunks,
+    # each moved to the device once, and a running top-k per query is merged chunk by chunk.
+    q_norm = torch.cat(
+        [
+            F.normalize(_rows(q_emb, s, s + query_chunk_size).to(device), dim=-1).to(dtype)
+            for s in range(0, n_q, query_chunk_size)
+        ]
+    )  # [n_q, embed_dim]
+    best = torch.empty((n_q, 0), dtype=torch.int64, device=device)  # [n_q, <=k] packed keys
+    for c_start in range(0, n_c, chunk_size):
+        c_chunk = F.normalize(_rows(c_emb, c_start, c_start + chunk_size).to(device), dim=-1)
+        c_chunk = c_chunk.to(dtype)  # [cb, embed_dim]
+        c_idx = torch.arange(c_start, c_start + c_chunk.shape[0], device=device)  # [cb]
+        merged = []
+        for q_start in range(0, n_q, query_chunk_size):
+            scores = q_norm[q_start : q_start + query_chunk_size] @ c_chunk.T  # [qb, cb]
+            keys = torch.cat(
+                [best[q_start : q_start + query_chunk_size], _chunk_top_k(scores, c_idx, k)], dim=1
+            )  # [qb, <=2k]
+            merged.append(keys.topk(min(k, keys.shape[1]), dim=1).values)  # [qb, <=k]
+        best = torch.cat(merged)
+    scores, idx = _unpack_keys(best)  # topk sorted the keys, so rows are best first
+    return scores.cpu().numpy(), idx.cpu().numpy()
+
+
+def _search_faiss(
+    q_emb: Embeddings, c_emb: Embeddings, k: int, chunk_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    embed_dim, n_c = c_emb.shape[1], c_emb.shape[0]
+    index = faiss.IndexFlatIP(embed_dim)  # UniIR's "Flat" + METRIC_INNER_PRODUCT
+    for start in range(0, n_c, chunk_size):
+        index.add(F.normalize(_rows(c_emb, start, start + chunk_size).cpu(), dim=-1).numpy())
+    q_norm = F.normalize(_rows(q_emb, 0, q_emb.shape[0]).cpu(), dim=-1).numpy()  # [n_q, embed_dim]
+    k = min(k, n_c)
+    out_scores = np.empty((len(q_norm), k), dtype=np.float32)  # [n_q, k]
+    out_idx = np.empty((len(q_norm), k), dtype=np.int64)  # [n_q, k]
+    # faiss does not order tied scores by index, nor say which of them it keeps at the k-th place.
+    # We fetch one extra result: if it ties with the k-th, the tie may go on past the window, so
+    # those rows are searched again with twice the window until the tie ends inside it (or the
+    # window is the whole pool). Then each row is sorted by (score desc, index asc).
+    rows, fetch = np.arange(len(q_norm)), min(k + 1, n_c)
+    while len(rows):
+        scores, idx = index.search(q_norm[rows], fetch)  # [n_rows, fetch] each
+        open_tie = (scores[:, k - 1] == scores[:, -1]) if fetch < n_c else np.zeros(len(rows), dtype=bool)
+        done = ~open_tie
+        order = np.lexsort((idx[done], -scores[done]), axis=1)[:, :k]
+        out_scores[rows[done]] = np.take_along_axis(scores[done], order, axis=1)
+        out_idx[rows[done]] = np.take_along_axis(idx[done], order, axis=1)
+        rows, fetch = rows[open_tie], min(2 * fetch, n_c)
+    return out_scores, out_idx
+
+
+@torch.no_grad()
+def search(
+    q_emb: Embeddings,
+    c_emb: Embeddings,
+    k: int,
+    backend: Literal["torch", "faiss"] = "torch",
+    chunk_size: int = 16384,
+    query_chunk_size: int = 1024,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k: for each query the k candidates with the largest inner product.
+
+    Taught in notebook 09. Both inputs are L2-normalised here (in float32), so raw, unnormalised
+    embeddings (e.g. UniIR's summed score-fusion embeddings) and fp16 shards can be passed as they
+    are, as numpy arrays or torch tensors. Returns numpy `(scores, idx)`, both
+    [n_queries, min(k, n_candidates)], float32 and int64, each row best first; equal scores are
+    ordered by candidate index ascending in both backends, also at the k-th place. "Equal" means
+    equal as computed: float32 matmul kernels may round mathematically equal scores (say of two
+    identical candidates) differently, so on real embeddings the backends agree up to that rounding.
+
+    - `backend="torch"`: chunked over candidates (`chunk_size` rows at a time) and queries
+      (`query_chunk_size`), with a running top-k merge; runs on `device` (default: the device of
+      `q_emb` if it is a tensor, else CPU). `dtype` is the matmul dtype (float32 by default; bf16 or
+      fp16 is faster on a GPU and changes scores in the 3rd decimal).
+    - `backend="faiss"`: a CPU `faiss.IndexFlatIP`, as UniIR (`device` and `dtype` must be left as is).
+    """
+    _check_shapes(q_emb, c_emb, k)
+    if chunk_size < 1 or query_chunk_size < 1:
+        raise ValueError("chunk_size and query_chunk_size must be at least 1")
+    if q_emb.shape[0] == 0:
+        width = min(k, c_emb.shape[0])
+        return np.empty((0, width), dtype=np.float32), np.empty((0, width), dtype=np.int64)
+    if backend == "faiss":
+        if (device is not None and torch.device(device).type != "cpu") or dtype != torch.float32:
+            raise ValueError("the faiss backend runs on CPU in float32; use backend='torch' for GPU or bf16")
+        return _search_faiss(q_emb, c_emb, k, chunk_size)
+    if backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'faiss'")
+    if device is None:
+        device = q_emb.device if isinstance(q_emb, torch.Tensor) else "cpu"
+    return _search_torch(q_emb, c_emb, k, chunk_size, query_chunk_size, torch.device(device), dtype)
+
+
+def search_dids(
+    q_emb: Embeddings,
+    c_emb: Embeddings,
+    c_dids: Sequence[str],
+    k: int,
+    **search_kwargs,
+) -> list[Ranked]:
+    """`search`, with row indices mapped back to candidate dids: one [(did, score), ...] per query.
+
+    Taught in notebook 09. `search_kwargs` go to `search` (backend, chunk_size, device, dtype).
+    """
+    if len(c_dids) != c_emb.shape[0]:
+        raise ValueError(f"{len(c_dids)} dids for {c_emb.shape[0]} candidate embeddings")
+    scores, idx = search(q_emb, c_emb, k, **search_kwargs)
+    return [
+        [(c_dids[i], s) for i, s in zip(row_idx.tolist(), row_scores.tolist())]
+        for row_idx, row_scores in zip(idx, scores)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _atomic_open(path: Path, mode: Literal["w", "wb"]) -> Iterator[IO]:
+    """Open a temp file beside `path`; on success it replaces `path`, on error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": "\n"} if mode == "w" else {})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# TREC run files
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_token(value: str, what: str) -> None:
+    """Ids go in whitespace-separated files: they must be non-empty and hold no whitespace."""
+    if not value or any(ch.isspace() for ch in value):
+        raise ValueError(f"{what} {value!r} must be non-empty and without whitespace")
+
+
+def write_run(
+    path: PathLike,
+    qids: Sequence[str],
+    ranked: Sequence[Sequence[tuple[str, float]]],
+    run_id: str,
+    task_ids: Sequence[int] | None = None,
+) -> None:
+    """Write a TREC run file, one line per result: `qid Q0 did rank score run_id [task_id]`.
+
+    Taught in notebook 09. `ranked[i]` holds query `qids[i]`'s (did, score) results, best first;
+    ranks are 1-based. With `task_ids` (one per query) each line ends with UniIR's extra task-id
+    column; standard TREC readers (ir_measures' among them) expect the 6-column form, so leave
+    `task_ids` out for files other tools read. The file is written atomically.
+    """
+    if len(ranked) != len(qids):
+        raise ValueError(f"{len(qids)} qids but {len(ranked)} ranked lists")
+    if task_ids is not None and len(task_ids) != len(qids):
+        raise ValueError(f"{len(qids)} qids but {len(task_ids)} task ids")
+    _check_token(run_id, "run_id")
+    with _atomic_open(Path(path), "w") as f:
+        for i, (qid, results) in enumerate(zip(qids, ranked)):
+            _check_token(qid, "qid")
+            task_col = "" if task_ids is None else f" {int(task_ids[i])}"
+            for rank, (did, score) in enumerate(results, start=1):
+                _check_token(did, "did")
+                # 9 significant digits round-trip a float32 score exactly.
+                f.write(f"{qid} Q0 {did} {rank} {float(score):.9g} {run_id}{task_col}\n")
+
+
+def _decoded_lines(path: PathLike) -> Iterator[str]:
+    """The lines of a text file; bytes that are not UTF-8 give "path:line: not valid UTF-8"."""
+    # Decoding line by line (not through a text-mode file, which decodes ahead in blocks)
+    # keeps the line number of a bad byte exact.
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MBEIRFormatError(path, line_no, f"not valid UTF-8: {e.reason}") from None
+
+
+def read_run(path: PathLike) -> dict[str, Ranked]:
+    """Read a TREC run file (6 columns, or 7 with UniIR's task id) into {qid: [(did, score), ...]}.
+
+    Taught in notebook 09. Each list is sorted by the file's rank column. A malformed line, a
+    repeated rank or a did listed twice for one query raises `MBEIRFormatError` ("path:line: ...").
+    """
+    rows: dict[str, list[tuple[int, str, float]]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    ranks: dict[tuple[str, int], int] = {}
+    for line_no, line in enumerate(_decoded_lines(path), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) not in (6, 7):
+            raise MBEIRFormatError(
+                path, line_no,
+                f"expected 6 columns 'qid Q0 did rank score run_id' (or 7 with task_id), "
+                f"got {len(parts)}",
+            )
+        qid, _, did, rank_str, score_str = parts[:5]
+        try:
+            rank = int(rank_str)
+        except ValueError:
+            raise MBEIRFormatError(path, line_no, f"rank must be an integer, got {rank_str!r}") from None
+        if rank < 1:
+            raise MBEIRFormatError(path, line_no, f"rank must be 1 or more, got {rank}")
+        try:
+            score = float(score_str)
+        except ValueError:
+            raise MBEIRFormatError(path, line_no, f"score must be a number, got {score_str!r}") from None
+        if len(parts) == 7:
+            try:
+                int(parts[6])
+            except ValueError:
+                raise MBEIRFormatError(
+                    path, line_no, f"task_id must be an integer, got {parts[6]!r}"
+                ) from None
+        if (qid, did) in seen:
+            raise MBEIRFormatError(
+                path, line_no, f"did {did} is listed twice for qid {qid} (first on line {seen[qid, did]})"
+            )
+        if (qid, rank) in ranks:
+            raise MBEIRFormatError(
+                path, line_no, f"rank {rank} is used twice for qid {qid} (first on line {ranks[qid, rank]})"
+            )
+        seen[qid, did] = ranks[qid, rank] = line_no
+        rows.setdefault(qid, []).append((rank, did, score))
+    return {qid: [(did, score) for _, did, score in sorted(results)] for qid, results in rows.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings on disk
+# ---------------------------------------------------------------------------------------------
+
+
+def ids_path(path: PathLike) -> Path:
+    """Where `save_embeddings` puts the ids of `path`: `x.npy` -> `x.ids.txt`."""
+    return Path(path).with_suffix(".ids.txt")
+
+
+def save_embeddings(path: PathLike, emb: Embeddings, ids: Sequence[str]) -> None:
+    """Save embeddings as an fp16 `.npy` ([n, embed_dim], as UniIR's embedder) and their ids.
+
+    Taught in notebook 09. The ids (qids or dids, one per row) go to `ids_path(path)`, one a line.
+    Both files are written atomically.
+    """
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise ValueError(f"{path}: embeddings are saved as .npy; name the file *.npy")
+    if isinstance(emb, torch.Tensor):
+        emb = emb.detach().cpu().numpy()
+    if emb.ndim != 2 or emb.shape[0] != len(ids):
+        raise ValueError(
+            f"{path}: need [n, embed_dim] embeddings and n ids; got {emb.shape} and {len(ids)} ids"
+        )
+    for i in ids:
+        _check_token(i, f"{path}: id")
+    with _atomic_open(ids_path(path), "w") as f:
+        f.writelines(f"{i}\n" for i in ids)
+    with _atomic_open(path, "wb") as f:
+        np.save(f, np.asarray(emb, dtype=np.float16))
+
+
+def load_embeddings(path: PathLike, mmap: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Load what `save_embeddings` wrote: (fp16 [n, embed_dim] array, n ids).
+
+    Taught in notebook 09. `mmap=True` memory-maps the array, so a large pool is read lazily by
+    `search` chunk by chunk.
+    """
+    path = Path(path)
+    emb = np.load(path, mmap_mode="r" if mmap else None)
+    ids = ids_path(path).read_text(encoding="utf-8").splitlines()
+    if emb.ndim != 2 or emb.shape[0] != len(ids):
+        raise MBEIRFormatError(
+            ids_path(path), None, f"{len(ids)} ids for embeddings of shape {emb.shape} in {path}"
+        )
+    return emb, ids
+
