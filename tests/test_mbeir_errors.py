@@ -283,3 +283,19 @@ def test_max_problems_and_command_output(mini, capsys):
                        f"got 'audio'" for i in (1, 2, 3)]
     # 30 bad lines + the 2 qids of the qrels that are no longer in the query file
     assert out[3] == "... and 29 more problems" and len(out) == 4
+
+
+def test_union_file_keeps_identical_repeats_but_not_conflicting_ones(tmp_path):
+    record = {"qid": "8:1", "query_txt": "add a circle", "query_img_path": "mbeir_images/cirr_images/a.jpg",
+              "query_modality": "image,text", "query_src_content": None, "pos_cand_list": ["8:2"],
+              "neg_cand_list": [], "task_id": 7}
+    union = tmp_path / "mbeir_union_up_train.jsonl"
+    union.write_text("\n".join(json.dumps(r) for r in [record, record]) + "\n")
+    assert [q.qid for q in read_queries(union)] == ["8:1", "8:1"]
+    union.write_text("\n".join(json.dumps(r) for r in [record, {**record, "query_txt": "other"}]) + "\n")
+    with pytest.raises(MBEIRFormatError, match=r"mbeir_union_up_train.jsonl:2: duplicate qid '8:1' with different content \(first on line 1\)"):
+        read_queries(union)
+    single = tmp_path / "mbeir_cirr_train.jsonl"
+    single.write_text("\n".join(json.dumps(r) for r in [record, record]) + "\n")
+    with pytest.raises(MBEIRFormatError, match=r"mbeir_cirr_train.jsonl:2: duplicate qid"):
+        read_queries(single)

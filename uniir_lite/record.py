@@ -125,11 +125,11 @@ def metrics_file(out_dir: Path, notebook: str) -> Path:
     return Path(out_dir) / "metrics" / f"{notebook}.json"
 
 
-def record_metrics(notebook: str, metrics: Mapping[str, float], cfg: Config) -> list[MetricCheck]:
-    """The last cell of every notebook: write `OUT_DIR/metrics/<notebook>.json`, show the table.
+def record_metrics(notebook: str, metrics: Mapping[str, float], cfg: Config) -> None:
+    """The last cell of every notebook: write `OUT_DIR/metrics/<notebook>.json` and show the metrics
+    beside their expected values from `results/expected_<profile>.json`.
 
-    Values are plain floats (tensors and NumPy scalars are converted). Returns the checks against
-    `results/expected_<profile>.json` (empty expectations when the profile has none).
+    Values are plain floats (tensors and NumPy scalars are converted).
     """
     clean = {name: _to_float(name, v) for name, v in metrics.items()}
     write_json_atomic(
@@ -137,9 +137,7 @@ def record_metrics(notebook: str, metrics: Mapping[str, float], cfg: Config) -> 
     )
     path = expected_path(cfg.profile)
     expected = load_expected(path).get(notebook, {}) if path.is_file() else {}
-    checks = compare_metrics(clean, expected)
-    _display(notebook, checks)
-    return checks
+    _display(notebook, compare_metrics(clean, expected))
 
 
 def _to_float(name: str, value: Any) -> float:

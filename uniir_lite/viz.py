@@ -47,6 +47,6 @@ def image_grid(
     for ax, img, title in zip(axes.flat, images, titles):
         if img is not None:
             ax.imshow(img)
-        ax.set_title("\n".join(textwrap.wrap(title, title_width)[:5]), fontsize=7)
+        ax.set_title("\n".join(textwrap.wrap(title, title_width)[:7]), fontsize=7)
     fig.tight_layout()
     return fig

@@ -513,23 +513,39 @@ def candidate_from_record(record: dict) -> dict[str, str | None]:
             "src_content": src_content}
 
 
+def is_union_file(path: PathLike) -> bool:
+    """The union query files repeat records on purpose: UniIR upsamples small datasets there."""
+    return Path(path).name.startswith("mbeir_union_")
+
+
+def _repeat_error(query: Query, first: tuple[Query, int], allow_repeats: bool) -> str | None:
+    """None for an allowed repeat (an identical copy in a union file), else the duplicate message."""
+    if allow_repeats and query == first[0]:
+        return None
+    copy = " with different content" if allow_repeats else ""
+    return f"duplicate qid {query.qid!r}{copy} (first on line {first[1]})"
+
+
 def read_queries(path: PathLike) -> list[Query]:
     """Read and validate a query jsonl file (one split of one pair, a train file or the union file).
 
-    Taught in notebook 00. The first bad line raises MBEIRFormatError("path:line: reason").
+    Taught in notebook 00. The first bad line raises MBEIRFormatError("path:line: reason"). In the
+    union files (`mbeir_union_*`) identical repeated records are kept: they are UniIR's upsampling.
     """
+    allow_repeats = is_union_file(path)
     queries: list[Query] = []
-    first_line: dict[str, int] = {}
+    first: dict[str, tuple[Query, int]] = {}
     for line_no, record in iter_jsonl(path):
         try:
             query = query_from_record(record)
         except ValueError as e:
             raise MBEIRFormatError(path, line_no, str(e)) from None
-        if query.qid in first_line:
-            raise MBEIRFormatError(
-                path, line_no, f"duplicate qid {query.qid!r} (first on line {first_line[query.qid]})"
-            )
-        first_line[query.qid] = line_no
+        if query.qid in first:
+            error = _repeat_error(query, first[query.qid], allow_repeats)
+            if error:
+                raise MBEIRFormatError(path, line_no, error)
+        else:
+            first[query.qid] = (query, line_no)
         queries.append(query)
     return queries
 
@@ -821,8 +837,9 @@ class _Validator:
                 self.add(path, line_no, str(e))
                 continue
             if query.qid in found:
-                self.add(path, line_no,
-                         f"duplicate qid {query.qid!r} (first on line {found[query.qid][1]})")
+                error = _repeat_error(query, found[query.qid], is_union_file(path))
+                if error:
+                    self.add(path, line_no, error)
                 continue
             found[query.qid] = (query, line_no)
             self.counts["queries"] += 1
