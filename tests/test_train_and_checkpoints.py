@@ -1,0 +1,84 @@
+"""The trainer, checkpoints, image loading and offline tokenizers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from uniir_lite.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
+from uniir_lite.data.images import ImageLoader
+from uniir_lite.models.tokenizers import BERT_VOCAB_SIZE, CLIP_VOCAB_SIZE, ClipTokenizer, bert_tokenizer
+from uniir_lite.train import TrainConfig, cosine_schedule, fit, param_groups
+
+
+def test_fit_learns_a_linear_map():
+    torch.manual_seed(0)
+    w_true = torch.randn(8, 1)
+    x = torch.randn(256, 8)
+    batches = [{"x": x[i:i + 32], "y": x[i:i + 32] @ w_true} for i in range(0, 256, 32)]
+    model = torch.nn.Linear(8, 1)
+
+    def loss_fn(m, b):
+        return {"loss": torch.nn.functional.mse_loss(m(b["x"]), b["y"])}
+
+    log = fit(model, loss_fn, batches, TrainConfig(max_steps=200, lr=0.05, weight_decay=0.0, log_every=20, progress=False))
+    assert list(log.step) == list(range(20, 201, 20))
+    assert log.loss.iloc[-1] < 0.01 * log.loss.iloc[0]
+    assert log.lr.iloc[-1] == pytest.approx(0.0, abs=1e-9)  # cosine to zero
+    assert (log.samples_per_s > 0).all()
+
+
+def test_fit_stops_on_a_nan_loss():
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(FloatingPointError, match="step 0"):
+        fit(model, lambda m, b: {"loss": m(b).sum() * float("nan")}, [torch.ones(4, 2)], TrainConfig(max_steps=3, progress=False))
+
+
+def test_schedule_and_no_decay_groups():
+    assert cosine_schedule(0, 100) == 1.0 and cosine_schedule(50, 100) == pytest.approx(0.5)
+    assert cosine_schedule(0, 100, warmup_steps=10) == pytest.approx(0.1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model.logit_scale = torch.nn.Parameter(torch.ones([]))
+    decay, rest = param_groups(model, 0.2)
+    assert len(decay["params"]) == 1 and decay["params"][0] is model[0].weight
+    assert len(rest["params"]) == 4 and rest["weight_decay"] == 0.0
+
+
+def test_checkpoint_round_trip_and_replace(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    target = tmp_path / "ckpt"
+    save_checkpoint(target, model, {"width": 3})
+    assert has_checkpoint(target)
+    state, config = load_checkpoint(target)
+    assert config == {"width": 3} and torch.equal(state["weight"], model.weight.detach())
+    save_checkpoint(target, torch.nn.Linear(3, 2), {"width": 4})  # replaces the old one whole
+    assert load_checkpoint(target)[1] == {"width": 4}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert not (target / "model.safetensors").read_bytes().startswith(b"\x80")  # not a pickle
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_image_loader(tmp_path):
+    Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    loader = ImageLoader(tmp_path, image_size=4)
+    x = loader("white.png")
+    assert x.shape == (3, 4, 4)
+    assert torch.allclose(x[0], torch.full((4, 4), (1 - 0.48145466) / 0.26862954))
+    imgs, mask = loader.batch(["white.png", None])
+    assert imgs.shape == (2, 3, 4, 4) and mask.tolist() == [1.0, 0.0] and imgs[1].abs().sum() == 0
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        loader("nope.png")
+
+
+def test_offline_tokenizers_have_their_real_vocabularies():
+    clip = ClipTokenizer(context_length=8)
+    ids = clip(["a red circle"])
+    assert clip.vocab_size == CLIP_VOCAB_SIZE and ids.shape == (1, 8)
+    assert clip.decode(ids[0]).replace("<start_of_text>", "").replace("<end_of_text>", "").strip() == "a red circle"
+    bert = bert_tokenizer()
+    assert bert.vocab_size == BERT_VOCAB_SIZE
+    ids = bert("a red circle")["input_ids"]
+    assert bert.unk_token_id not in ids and len(ids) == 5

@@ -1,0 +1,53 @@
+"""Loading M-BEIR images as normalised tensors, with CLIP's normalisation (UniIR uses it for BLIP too).
+
+Taught in notebook 01.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageLoader:
+    """`loader(img_path) -> [3, size, size]` float tensor for paths relative to the M-BEIR root.
+
+    Bicubic resize to a square (UniIR's evaluation transform for BLIP; CLIP's centre crop is the same
+    on square images). `cache=True` keeps decoded tensors in memory: the tiny benchmark's images fit
+    in a few tens of MB and are read many times during training.
+    """
+
+    def __init__(self, root: str | Path, image_size: int, cache: bool = True):
+        self.root = Path(root)
+        self.image_size = image_size
+        self._cache: dict[str, torch.Tensor] | None = {} if cache else None
+        self._mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(CLIP_STD).view(3, 1, 1)
+
+    def __call__(self, img_path: str) -> torch.Tensor:
+        if self._cache is not None and img_path in self._cache:
+            return self._cache[img_path]
+        path = self.root / img_path
+        try:
+            img = Image.open(path).convert("RGB")
+        except (FileNotFoundError, OSError) as e:
+            raise FileNotFoundError(f"{path}: cannot read image ({e})") from None
+        img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3, S, S]
+        x = (x - self._mean) / self._std
+        if self._cache is not None:
+            self._cache[img_path] = x
+        return x
+
+    def batch(self, img_paths: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack images; a missing one (`None`) is a zero image with `img_mask` 0, as UniIR pads."""
+        zeros = torch.zeros(3, self.image_size, self.image_size)
+        imgs = torch.stack([self(p) if p else zeros for p in img_paths])  # [n, 3, S, S]
+        img_mask = torch.tensor([1.0 if p else 0.0 for p in img_paths])  # [n]
+        return imgs, img_mask
