@@ -1,7 +1,6 @@
 """The M-BEIR format layer on well-formed input: constants, ids, paths, readers, validator."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -270,11 +269,3 @@ def test_validate_command_ok(capsys):
 def test_validate_command_unknown_pair(capsys):
     assert validate_command(str(MINI), ["cirr_task9"]) == 2
     assert "unknown M-BEIR pair 'cirr_task9'" in capsys.readouterr().out
-
-
-def test_atomic_write_replaces_whole_file(tmp_path):
-    path = tmp_path / "a" / "f.txt"
-    mbeir.atomic_write_text(path, "one\n")
-    mbeir.atomic_write_text(path, "two\n")
-    assert path.read_text() == "two\n"
-    assert os.listdir(path.parent) == ["f.txt"]

@@ -1,6 +1,5 @@
 """The trainer, checkpoints, image loading and offline tokenizers."""
 
-import json
 
 import numpy as np
 import pytest

@@ -19,7 +19,8 @@ import yaml
 
 from uniir_lite.config import load_profile, repo_root
 from uniir_lite.env import environment
-from uniir_lite.record import MetricCheck, compare_metrics, load_expected, metrics_file, write_json_atomic
+from uniir_lite.io import write_json_atomic
+from uniir_lite.record import MetricCheck, compare_metrics, load_expected, metrics_file
 
 KERNEL = "python3"
 # Wall-clock limit per notebook, by profile (the tiny notebooks take about a minute each).

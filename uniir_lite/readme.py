@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from uniir_lite.config import repo_root
-from uniir_lite.record import write_json_atomic
+from uniir_lite.io import write_json_atomic
 
 PROFILES = ("tiny", "gpu", "full")
 

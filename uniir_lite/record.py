@@ -16,12 +16,11 @@ import dataclasses
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from uniir_lite.config import Config, repo_root
+from uniir_lite.io import write_json_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,21 +48,6 @@ def _fmt(x: float | None) -> str:
     if isinstance(x, float) and not x.is_integer():
         return f"{x:.4g}"
     return str(int(x)) if float(x).is_integer() else str(x)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temp file in the same folder, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def expected_path(profile: str) -> Path:

@@ -10,17 +10,16 @@ Both backends rank by score (descending) and break exact ties by candidate index
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from uniir_lite.data.mbeir import MBEIRFormatError
+from uniir_lite.io import atomic_open
 
 PathLike = str | os.PathLike[str]
 Embeddings = np.ndarray | torch.Tensor
@@ -220,25 +219,6 @@ def search_dids(
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _atomic_open(path: Path, mode: Literal["w", "wb"]) -> Iterator[IO]:
-    """Open a temp file beside `path`; on success it replaces `path`, on error it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": "\n"} if mode == "w" else {})) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
 # TREC run files
 # ---------------------------------------------------------------------------------------------
 
@@ -268,7 +248,7 @@ def write_run(
     if task_ids is not None and len(task_ids) != len(qids):
         raise ValueError(f"{len(qids)} qids but {len(task_ids)} task ids")
     _check_token(run_id, "run_id")
-    with _atomic_open(Path(path), "w") as f:
+    with atomic_open(Path(path), "w") as f:
         for i, (qid, results) in enumerate(zip(qids, ranked)):
             _check_token(qid, "qid")
             task_col = "" if task_ids is None else f" {int(task_ids[i])}"
@@ -367,9 +347,9 @@ def save_embeddings(path: PathLike, emb: Embeddings, ids: Sequence[str]) -> None
         )
     for i in ids:
         _check_token(i, f"{path}: id")
-    with _atomic_open(ids_path(path), "w") as f:
+    with atomic_open(ids_path(path), "w") as f:
         f.writelines(f"{i}\n" for i in ids)
-    with _atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.save(f, np.asarray(emb, dtype=np.float16))
 
 

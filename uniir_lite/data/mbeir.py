@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from uniir_lite.io import write_text_atomic
+
 if TYPE_CHECKING:
     import datasets
 
@@ -311,20 +313,6 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:
         if error is not None:
             raise MBEIRFormatError(path, line_no, error)
         yield line_no, record  # type: ignore[misc]
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write a text file so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,7 +719,7 @@ def write_instructions(path: PathLike, rows: Iterable[InstructionRow]) -> None:
             if not cell or cell != cell.strip() or any(c in cell for c in "\t\r\n"):
                 raise ValueError(f"instruction cell {cell!r} is empty, padded or holds a tab/newline")
         lines.append("\t".join(cells))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

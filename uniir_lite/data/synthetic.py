@@ -25,8 +25,9 @@ from typing import TypeVar
 import numpy as np
 
 from uniir_lite.data import synthetic_content as c
+from uniir_lite.io import write_text_atomic
 from uniir_lite.data.mbeir import (
-    DATASET_IDS, DATASET_NAMES, DATASET_STEMS, EVAL_PAIRS, TASKS, PathLike, atomic_write_text,
+    DATASET_IDS, DATASET_NAMES, DATASET_STEMS, EVAL_PAIRS, TASKS, PathLike,
     global_pool_path, instructions_path, local_pool_path, qrels_path, query_path, union_train_path,
     write_instructions,
 )
@@ -790,7 +791,7 @@ def _generate(root: Path, size: SynthSize, seed: int, image_px: int, progress: b
     root.mkdir(parents=True, exist_ok=True)
     _clear(root, previous)
     # Written first, so an interrupted run is recognised (and cleaned) as ours next time.
-    atomic_write_text(manifest, _dumps({**identity, "complete": False}))
+    write_text_atomic(manifest, _dumps({**identity, "complete": False}))
     b = _Writer(root, size, seed, image_px)
     try:
         wiki = _wiki(b)
@@ -814,7 +815,7 @@ def _generate(root: Path, size: SynthSize, seed: int, image_px: int, progress: b
     except BaseException:
         b.discard()
         raise
-    atomic_write_text(manifest, _dumps({**identity, "complete": True, "upsample": factors, "images": b.images,
+    write_text_atomic(manifest, _dumps({**identity, "complete": True, "upsample": factors, "images": b.images,
                                         "files": dict(sorted(b.lines.items()))}))
     return True
 

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+
+from uniir_lite.io import write_json_atomic, write_text_atomic
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = tmp_path / "a" / "f.txt"
+    write_text_atomic(path, "one\n")
+    write_text_atomic(path, "two\n")
+    assert path.read_text() == "two\n"
+    assert os.listdir(path.parent) == ["f.txt"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "f.json"
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": object()})
+    assert path.read_text() == '{\n  "a": 1\n}\n'
+    assert os.listdir(tmp_path) == ["f.json"]
