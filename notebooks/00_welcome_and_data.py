@@ -68,6 +68,7 @@ import uniir_lite
 from uniir_lite import record_metrics
 from uniir_lite.config import load_profile, profile_names
 from uniir_lite.data import mbeir, synthetic
+from uniir_lite.data.validate import validate_dir
 from uniir_lite.env import environment
 from uniir_lite.evaluation import average, evaluate, load_pairs
 from uniir_lite.metrics import paper_table
@@ -192,7 +193,7 @@ print("hash_did('9:2') =", mbeir.hash_did("9:2"), "  unhash ->", mbeir.unhash_di
 
 # %%
 root = synthetic.write_benchmark(cfg.data_dir, size=cfg.data_size, seed=cfg.seed)
-problems = mbeir.validate_dir(root)
+problems = validate_dir(root)
 print(f"{root}: {len(problems)} problems")
 assert problems == [], problems[:5]
 

@@ -31,10 +31,9 @@ from uniir_lite.data.mbeir import (
     union_train_path,
     unhash_did,
     unhash_qid,
-    validate_command,
-    validate_dir,
     write_instructions,
 )
+from uniir_lite.data.validate import validate_command, validate_dir
 
 MINI = Path(__file__).parent / "fixtures" / "mbeir_mini"
 

@@ -9,7 +9,6 @@ import pytest
 from uniir_lite.data import mbeir
 from uniir_lite.data.mbeir import (
     MBEIRFormatError,
-    Problem,
     instructions_path,
     local_pool_path,
     qrels_path,
@@ -18,9 +17,8 @@ from uniir_lite.data.mbeir import (
     read_pool,
     read_qrels,
     read_queries,
-    validate_command,
-    validate_dir,
 )
+from uniir_lite.data.validate import Problem, validate_command, validate_dir
 
 MINI = Path(__file__).parent / "fixtures" / "mbeir_mini"
 

@@ -28,8 +28,8 @@ from uniir_lite.data.mbeir import (
     read_instructions,
     read_queries,
     union_train_path,
-    validate_dir,
 )
+from uniir_lite.data.validate import validate_dir
 from uniir_lite.data.synthetic import SIZES, SynthSize, ensure_benchmark, synth_command, write_benchmark
 
 # Small enough that a full benchmark takes a fraction of a second: for determinism and caching.

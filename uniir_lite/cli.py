@@ -44,7 +44,7 @@ def _readme(args: argparse.Namespace) -> int:
 
 
 def _data_validate(args: argparse.Namespace) -> int:
-    from uniir_lite.data.mbeir import validate_command
+    from uniir_lite.data.validate import validate_command
 
     return validate_command(args.dir, args.pairs, max_show=args.max_show)
 
