@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from uniir_lite.data import mbeir
+from uniir_lite.data import mbeir, validate
 from uniir_lite.data.mbeir import (
     MBEIRFormatError,
     instructions_path,
@@ -196,7 +196,7 @@ def test_missing_image_is_located_and_counted(mini, monkeypatch):
     assert "image of candidate 8:3 not found" in problems[0].message
     # With everything gone, a few are listed and the rest counted.
     shutil.rmtree(mini / "mbeir_images")
-    monkeypatch.setattr(mbeir, "MAX_LISTED_MISSING_IMAGES", 2)
+    monkeypatch.setattr(validate, "MAX_LISTED_MISSING_IMAGES", 2)
     problems = validate_dir(mini)
     assert sum("not found" in p.message for p in problems) == 2
     assert problems[-1].message == "6 referenced images are missing in total (the first 2 are listed)"
