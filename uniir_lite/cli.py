@@ -34,10 +34,10 @@ def _notebooks(args: argparse.Namespace) -> int:
 
 
 def _readme(args: argparse.Namespace) -> int:
-    from uniir_lite.readme import record_runtimes, update_readme
+    from uniir_lite.readme import record_run, update_readme
 
     if args.record:
-        print(f"recorded runtimes from {record_runtimes(args.record)}")
+        print(f"recorded the run in {record_run(args.record)}")
     changed = update_readme()
     print("README.md updated" if changed else "README.md already up to date")
     return 0
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_notebooks)
 
     p = sub.add_parser("readme", help="regenerate the README's measured tables")
-    p.add_argument("--record", metavar="REPORT_JSON", help="first record the runtimes of this report.json")
+    p.add_argument("--record", metavar="REPORT_JSON", help="first record the wall times and metrics of this report.json")
     p.set_defaults(func=_readme)
 
     data = sub.add_parser("data", help="M-BEIR data: validate a directory, write the synthetic benchmark")

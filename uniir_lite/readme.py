@@ -1,7 +1,8 @@
 """README tables generated from measured files, never typed in.
 
-`make readme` records the wall times of the latest `make reproduce` (runs/<profile>/report.json) into
-`results/runtimes.json` and regenerates the blocks between `<!-- BEGIN name -->` and `<!-- END name -->`.
+`make readme` records the wall times and metrics of the latest passing `make reproduce`
+(runs/<profile>/report.json) into `results/measured.json` and regenerates the blocks between
+`<!-- BEGIN name -->` and `<!-- END name -->`.
 """
 
 from __future__ import annotations
@@ -18,43 +19,44 @@ from uniir_lite.io import write_json_atomic
 PROFILES = ("tiny", "gpu", "full")
 
 
-def runtimes_path() -> Path:
-    return repo_root() / "results" / "runtimes.json"
+def measured_path() -> Path:
+    return repo_root() / "results" / "measured.json"
 
 
-def load_runtimes() -> dict:
-    path = runtimes_path()
+def load_measured() -> dict:
+    path = measured_path()
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def record_runtimes(report_json: str | Path) -> Path:
-    """Copy the per-notebook seconds of one successful report into results/runtimes.json."""
+def record_run(report_json: str | Path) -> Path:
+    """Copy the per-notebook seconds and checked metrics of a passing report into results/measured.json."""
     report = json.loads(Path(report_json).read_text())
     if not report.get("ok"):
-        raise ValueError(f"{report_json}: the run did not pass; record runtimes only from a passing run")
+        raise ValueError(f"{report_json}: the run did not pass; record only from a passing run")
     env = report["environment"]
-    runtimes = load_runtimes()
-    runtimes[report["profile"]] = {
+    measured = load_measured()
+    measured[report["profile"]] = {
         "device": env.get("cuda") or f"cpu ({env.get('cpu_count')} cores)",
         "date": report["started"][:10],
         "git": env.get("git"),
         "seconds": {nb["name"]: nb["seconds"] for nb in report["notebooks"]},
+        "metrics": {nb["name"]: nb["metrics"] for nb in report["notebooks"]},
     }
-    write_json_atomic(runtimes_path(), runtimes)
-    return runtimes_path()
+    write_json_atomic(measured_path(), measured)
+    return measured_path()
 
 
 def notebook_table() -> str:
     manifest = yaml.safe_load((repo_root() / "notebooks" / "manifest.yaml").read_text())
-    runtimes = load_runtimes()
+    measured = load_measured()
     header = "| # | notebook | what it teaches | " + " | ".join(
-        f"{p} ({runtimes[p]['device']})" if p in runtimes else p for p in PROFILES
+        f"{p} ({measured[p]['device']})" if p in measured else p for p in PROFILES
     ) + " |"
     lines = [header, "|---|---|---|" + "---:|" * len(PROFILES)]
     for entry in manifest["notebooks_info"]:
         cells = []
         for profile in PROFILES:
-            seconds = runtimes.get(profile, {}).get("seconds", {}).get(entry["name"])
+            seconds = measured.get(profile, {}).get("seconds", {}).get(entry["name"])
             need = entry["hardware"][profile]
             cells.append(f"{seconds / 60:.1f} min, {need}" if seconds is not None else f"not yet measured, {need}")
         number = entry["name"][:2]
@@ -62,7 +64,25 @@ def notebook_table() -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"notebooks": notebook_table}
+def metrics_table(profile: str = "tiny") -> str:
+    """The checked metrics of each notebook: measured in the recorded run, and the expected range."""
+    from uniir_lite.record import MetricCheck
+
+    run = load_measured().get(profile)
+    if not run:
+        return f"(no recorded `{profile}` run yet: `make reproduce && make readme`)"
+    lines = [f"Measured on {run['device']}, {run['date']}, git {run['git']}.", "",
+             "| notebook | metric | measured | expected |", "|---|---|---:|---|"]
+    for notebook, metrics in run["metrics"].items():
+        for name, m in metrics.items():
+            if m["ok"] is None:
+                continue
+            check = MetricCheck(name, m["value"], m["expected"], m["tolerance"], m["check"], m["ok"])
+            lines.append(f"| {notebook} | {name} | {m['value']:.4g} | {check.describe_expected()} |")
+    return "\n".join(lines)
+
+
+BLOCKS = {"notebooks": notebook_table, "metrics": metrics_table}
 
 
 def render(text: str) -> str:
