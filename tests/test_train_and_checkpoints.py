@@ -29,6 +29,23 @@ def test_fit_learns_a_linear_map():
     assert (log.samples_per_s > 0).all()
 
 
+def test_fit_writes_periodic_checkpoints(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    seen = []
+
+    def loss_fn(m, b):
+        if has_checkpoint(tmp_path / "ckpt"):
+            seen.append(load_checkpoint(tmp_path / "ckpt")[1]["step"])
+        return {"loss": m(b).pow(2).mean()}
+
+    cfg = TrainConfig(max_steps=7, progress=False, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=3,
+                      model_config={"kind": "linear"})
+    fit(model, loss_fn, [torch.ones(4, 2)], cfg)
+    assert sorted(set(seen)) == [3, 6]
+    state, config = load_checkpoint(tmp_path / "ckpt")
+    assert config == {"kind": "linear", "step": 7} and torch.equal(state["weight"], model.weight.detach())
+
+
 def test_fit_stops_on_a_nan_loss():
     model = torch.nn.Linear(2, 1)
     with pytest.raises(FloatingPointError, match="step 0"):

@@ -2,7 +2,7 @@
 
 A model enters as `loss_fn(model, batch) -> {"loss": tensor, ...}`: the trainer does the rest
 (AdamW with UniIR's no-decay groups, cosine schedule, bf16 autocast on GPU, gradient clipping, a
-progress bar, a metrics log). The loop itself is written out in notebook 01; from notebook 02 on the
+progress bar, a metrics log, periodic safetensors checkpoints). The loop itself is written out in notebook 01; from notebook 02 on the
 notebooks call `fit`.
 """
 
@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Iterator
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+
+from uniir_lite.checkpoints import save_checkpoint
 
 LossFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]
 
@@ -32,6 +34,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     log_every: int = 10
     progress: bool = True
+    checkpoint_dir: str | None = None  # saved there every `checkpoint_every` steps and at the end
+    checkpoint_every: int = 0
+    model_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # stored beside the weights
 
 
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -130,5 +135,8 @@ def fit(
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             window, samples, t0 = {}, 0, time.perf_counter()
+        last = step + 1 == cfg.max_steps
+        if cfg.checkpoint_dir and (last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
+            save_checkpoint(cfg.checkpoint_dir, model, {**cfg.model_config, "step": step + 1})
     model.eval()
     return pd.DataFrame(history)
