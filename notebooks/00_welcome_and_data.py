@@ -57,7 +57,6 @@ EMBED_DIM = None
 
 # %%
 import json
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np

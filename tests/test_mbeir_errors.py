@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from uniir_lite.data import mbeir, validate
+from uniir_lite.data import validate
 from uniir_lite.data.mbeir import (
     MBEIRFormatError,
     instructions_path,

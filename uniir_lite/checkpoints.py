@@ -28,7 +28,7 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, config: dict[
         # safetensors refuses shared storage (tied weights); contiguous copies are what gets saved
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)

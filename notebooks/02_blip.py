@@ -1,0 +1,634 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · BLIP: contrast, match, caption
+#
+# **Goal.** Understand [BLIP](https://arxiv.org/abs/2201.12086) (Li et al., 2022), the model behind
+# UniIR's BLIP_SF and BLIP_FF: one image encoder and one text transformer used in three modes, trained
+# with three losses at once. We write each loss out, check it against the `transformers` classes,
+# train a tiny BLIP on the synthetic image–caption pairs and use all three heads: retrieval,
+# re-ranking, captioning, and the caption filter of BLIP's CapFilt.
+#
+# **You will learn**
+# - the *multimodal mixture of encoder-decoder* (MED): unimodal encoder, image-grounded encoder,
+#   image-grounded decoder, and which parameters they share;
+# - the image–text contrastive loss (ITC), as in CLIP;
+# - image–text matching (ITM) and how BLIP mines **hard negatives** inside the batch;
+# - the language-modelling loss (LM) of the image-grounded decoder, and greedy captioning;
+# - two-stage retrieval: ITC to shortlist, ITM to re-rank;
+# - CapFilt: a trained ITM head used as a filter of noisy captions.
+#
+# **Prerequisites.** Notebook 01 (contrastive learning, InfoNCE, temperature). A little attention
+# (self- and cross-attention).
+#
+# | profile | hardware | model | data |
+# |---|---|---|---|
+# | `tiny` (default) | CPU, offline | BLIP with width-64, 2-layer towers, 32-px images, random init, trained here | the synthetic benchmark, tiny size |
+# | `gpu` | 1 GPU | BLIP-base shapes (ViT-B/16, BERT-base), random init, trained here | the synthetic benchmark, large size |
+# | `full` | 1 GPU + weights | `Salesforce/blip-itm-base-coco` and `Salesforce/blip-image-captioning-base` | real M-BEIR captions |
+#
+# Measured run times per profile are in the README's notebook table.
+
+# %% tags=["parameters"]
+PROFILE = "tiny"
+SEED = None
+DEVICE = None
+DATA_DIR = None
+OUT_DIR = None
+FIG_DIR = None
+DATA_SIZE = None
+MAX_STEPS = None
+BATCH_SIZE = None
+EVAL_BATCH_SIZE = None
+EMBED_DIM = None
+IMAGE_SIZE = None
+PRECISION = None
+PRETRAINED = None
+RERANK_K = 16  # ITC candidates the ITM head re-ranks
+CORRUPT_RATE = 0.3  # share of captions CapFilt receives corrupted
+N_CAPFILT = 600  # training pairs in the CapFilt demonstration
+N_EVAL = 1000  # at most this many test pairs are evaluated (tiny has fewer)
+
+# %% [markdown]
+# ## Setup
+#
+# The same setup cell as every notebook: knobs left as `None` take the profile's value.
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+import uniir_lite
+from uniir_lite import record_metrics
+from uniir_lite.data import synthetic
+from uniir_lite.data.images import ImageLoader
+from uniir_lite.data.pairs import image_caption_pairs
+from uniir_lite.metrics import recall_at_k
+from uniir_lite.models import blip
+from uniir_lite.retrieval import search
+from uniir_lite.viz import image_grid, save_figure, use_style
+
+cfg = uniir_lite.setup(
+    PROFILE, SEED=SEED, DEVICE=DEVICE, DATA_DIR=DATA_DIR, OUT_DIR=OUT_DIR, FIG_DIR=FIG_DIR, DATA_SIZE=DATA_SIZE,
+    MAX_STEPS=MAX_STEPS, BATCH_SIZE=BATCH_SIZE, EVAL_BATCH_SIZE=EVAL_BATCH_SIZE, EMBED_DIM=EMBED_DIM,
+    IMAGE_SIZE=IMAGE_SIZE, PRECISION=PRECISION, PRETRAINED=PRETRAINED,
+)
+use_style()
+device = torch.device(cfg.device)
+
+# %% [markdown]
+# ## 1. The MED: one text transformer, three modes
+#
+# CLIP has two towers that meet only in a dot product. It can *retrieve*, but it cannot *look at an
+# image and a text together*, nor *write* a caption. BLIP keeps CLIP's two towers and adds two
+# more ways of running the text transformer:
+#
+# | mode | first token | self-attention | cross-attention to the image | loss |
+# |---|---|---|---|---|
+# | unimodal text encoder | `[CLS]` | bidirectional | no | ITC |
+# | image-grounded text encoder | `[ENC]` | bidirectional | yes, after each self-attention | ITM |
+# | image-grounded text decoder | `[DEC]` | causal | yes | LM |
+#
+# Each training step runs the image encoder once and the text transformer three times, and adds
+# the three losses:
+#
+# $$\mathcal{L} = \mathcal{L}_{\text{itc}} + \mathcal{L}_{\text{itm}} + \mathcal{L}_{\text{lm}}$$
+#
+# $$\mathcal{L}_{\text{itc}} = \tfrac12\,\mathbb{E}\big[H(y^{i2t}, p^{i2t}) + H(y^{t2i}, p^{t2i})\big],\quad
+# p^{i2t}_j = \frac{\exp(s(I, T_j)/\tau)}{\sum_k \exp(s(I, T_k)/\tau)}$$
+#
+# $$\mathcal{L}_{\text{itm}} = \mathbb{E}\big[H(y^{itm}, p^{itm}(I, T))\big],\qquad
+# \mathcal{L}_{\text{lm}} = -\mathbb{E}\Big[\sum_t \log P_\theta(w_t \mid w_{<t}, I)\Big]$$
+#
+# where $s$ is the cosine similarity of the projected `[CLS]` features, $H$ the cross-entropy,
+# $y^{itm}\in\{0,1\}$ says whether the pair matches, and the LM loss uses label smoothing 0.1 in BLIP.
+# The encoder and the decoder share **all parameters except the self-attention layers** (the paper's
+# ablation found this best): embeddings, cross-attention and feed-forward layers are the same tensors.
+
+# %%
+fig = blip.draw_med(shared=not cfg.pretrained)
+save_figure(fig, "02_med_architecture", cfg)
+plt.show()
+
+# %% [markdown]
+# `transformers` ships BLIP as two models: `BlipForImageTextRetrieval` (image encoder, text encoder,
+# ITC projections, ITM head) and `BlipForConditionalGeneration` (image encoder, text decoder).
+# `blip.build_blip(cfg, head="med")` builds both from one config and ties them the BLIP way: one
+# vision tower, and the decoder's embeddings, cross-attention and feed-forward layers replaced by the
+# encoder's. (The released Salesforce checkpoints, which the `full` profile loads, are two separately
+# fine-tuned models, so there nothing is shared.) We count what the sharing saves.
+
+# %%
+untrained = blip.build_blip(cfg, head="med", pretrained=False).to(device)
+unshared = blip.build_blip(cfg, head="med", pretrained=False, share=False)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def n_unique(*modules):
+    return n_params(torch.nn.ModuleList(modules))  # a tensor used by several modules counts once
+
+
+params = pd.DataFrame({
+    "vision tower(s)": [n_unique(unshared.retrieval.vision_model, unshared.captioner.vision_model),
+                        n_unique(untrained.retrieval.vision_model, untrained.captioner.vision_model)],
+    "text encoder + decoder": [n_unique(unshared.retrieval.text_encoder, unshared.captioner.text_decoder),
+                               n_unique(untrained.retrieval.text_encoder, untrained.captioner.text_decoder)],
+    "whole MED": [n_params(unshared), n_params(untrained)],
+}, index=["two separate models", "BLIP sharing"])
+config = untrained.retrieval.config
+print(f"vision: width {config.vision_config.hidden_size}, {config.vision_config.num_hidden_layers} layers, "
+      f"{config.vision_config.patch_size}-px patches on {config.vision_config.image_size}-px images | "
+      f"text: width {config.text_config.hidden_size}, {config.text_config.num_hidden_layers} layers, "
+      f"vocabulary {config.text_config.vocab_size}")
+params
+
+# %% [markdown]
+# ### Three modes, three first tokens
+#
+# BLIP's tokenizer is bert-base-uncased's WordPiece with two tokens added: `[DEC]` (the decoder's
+# beginning of sentence) and `[ENC]`. The first token tells the shared transformer which job it is
+# doing. The kit loads the vocabulary offline and checks its size (an offline `BertTokenizer` can
+# silently map every word to `[UNK]`).
+
+# %%
+tok = blip.blip_tokenizer()
+caption = "Two orange rhombuses under a clear sky."
+ids = blip.tokenize([caption])["input_ids"]  # [1, L]
+dec_ids, labels = blip.decoder_inputs(ids)
+enc_ids = ids.clone()
+enc_ids[:, 0] = blip.enc_token_id()
+pd.DataFrame({
+    "ITC (unimodal encoder)": tok.convert_ids_to_tokens(ids[0]),
+    "ITM (image-grounded encoder)": tok.convert_ids_to_tokens(enc_ids[0]),
+    "LM (decoder) input": tok.convert_ids_to_tokens(dec_ids[0]),
+    "LM target (next token)": tok.convert_ids_to_tokens(labels[0, 1:].tolist()) + [""],
+}).T
+
+# %% [markdown]
+# The decoder reads `[DEC] two orange ...` and must predict, at each position, the *next* token:
+# the last target is `[SEP]`, which is how a generated caption ends. `transformers` does the same:
+# `BlipForConditionalGeneration.generate` starts every caption with `bos_token_id` (= `[DEC]`) and
+# stops at `sep_token_id`.
+#
+# ## 2. The data
+#
+# The image–caption pairs of the synthetic benchmark (the task-0 and task-3 queries of its COCO-,
+# VisualNews- and Fashion200K-like sets). An image may have several captions (five in the COCO-like
+# set), which matters for the losses below. `CaptionData` holds them as tensors: images decoded once,
+# captions tokenized once.
+
+# %%
+root = synthetic.write_benchmark(cfg.data_dir, size=cfg.data_size, seed=cfg.seed)
+loader = ImageLoader(root, cfg.image_size)
+train_pairs = image_caption_pairs(root, "train")
+test_pairs = image_caption_pairs(root, "test")
+rng = np.random.default_rng(cfg.seed)
+if len(test_pairs) > N_EVAL:  # real M-BEIR: a seeded subset
+    test_pairs = [test_pairs[i] for i in sorted(rng.choice(len(test_pairs), N_EVAL, replace=False))]
+test = blip.CaptionData(test_pairs, loader)
+print(f"train: {len(train_pairs)} pairs of {len({p.img_path for p in train_pairs})} images | "
+      f"test: {len(test)} pairs of {len(test.img_paths)} images")
+
+
+def show(x):
+    """A normalised [3, S, S] image tensor back to an RGB array for plotting."""
+    mean, std = torch.tensor(loader._mean).view(3, 1, 1), torch.tensor(loader._std).view(3, 1, 1)
+    return (x.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+fig = image_grid([show(test.pixels[i]) for i in range(0, 150, 19)][:8],
+                 [test.captions[test.img_ids.tolist().index(i)] for i in range(0, 150, 19)][:8], ncols=8, cell=1.7)
+save_figure(fig, "02_test_pairs", cfg)
+plt.show()
+
+# %% [markdown]
+# ## 3. ITC: contrast, as CLIP
+#
+# The unimodal encoder reads the text alone; the `[CLS]` outputs of both towers are projected to
+# `EMBED_DIM` and L2-normalised. Within a batch of $n$ pairs the similarity matrix is
+#
+# $$S_{ij} = \frac{f_v(I_i)^\top f_t(T_j)}{\tau}$$
+#
+# with a learned temperature $\tau$ (initialised at 0.07, clamped to $[0.001, 0.5]$). CLIP's
+# targets are the diagonal. BLIP's retrieval code uses the image ids instead: when two captions of
+# the same image share a batch, each is a positive, and the target spreads evenly over them:
+#
+# $$y^{i2t}_{ij} = \frac{[\text{id}(T_j) = \text{id}(I_i)]}{\sum_k [\text{id}(T_k) = \text{id}(I_i)]}$$
+#
+# We take one training batch and write the loss out.
+
+# %%
+train = blip.CaptionData(train_pairs, loader)
+batch = {k: v.to(device) for k, v in next(train.batches(cfg.batch_size, cfg.seed)).items()}
+n = batch["input_ids"].shape[0]
+with torch.no_grad():
+    image_embeds = untrained.encode_image(batch["pixel_values"])  # [n, 1 + patches, width]
+    img_feat = untrained.image_feat(image_embeds)  # [n, embed_dim]
+    txt_feat = untrained.text_feat(batch["input_ids"], batch["attention_mask"])  # [n, embed_dim]
+img_ids = batch["img_ids"]  # [n]
+print(f"{n} pairs in the batch, {n - img_ids.unique().numel()} of them share an image with another pair")
+
+# %% [markdown]
+# $S = f_v f_t^\top / \tau$, then the cross-entropy against the soft targets, both directions:
+
+# %%
+temp = untrained.temp.detach()
+sim_i2t = img_feat @ txt_feat.t() / temp  # [n_img, n_txt]
+same = (img_ids[:, None] == img_ids[None, :]).float()  # [n, n]
+y = same / same.sum(dim=1, keepdim=True)
+ours_itc = (-(F.log_softmax(sim_i2t, dim=1) * y).sum(1).mean() - (F.log_softmax(sim_i2t.t(), dim=1) * y).sum(1).mean()) / 2
+lib_itc, _ = blip.itc_loss(img_feat, txt_feat, temp, img_ids)
+assert torch.allclose(ours_itc, lib_itc)
+# the cosine similarities are those of transformers' BlipForImageTextRetrieval(use_itm_head=False)
+with torch.no_grad():
+    hf_sims = untrained.retrieval(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                                  attention_mask=batch["attention_mask"], use_itm_head=False).itm_score  # [n, n]
+assert torch.allclose(hf_sims, img_feat @ txt_feat.t(), atol=1e-5)
+print(f"ITC loss of the untrained model: {ours_itc.item():.3f} (uniform guessing: ln {n} = {np.log(n):.3f})")
+
+# %% [markdown]
+# ## 4. ITM with in-batch hard negatives
+#
+# The image-grounded encoder reads the text with `[ENC]` first and, in every layer, cross-attends to
+# all image tokens; a linear head on its `[ENC]` output says *match* or *no match*. Random negatives
+# are too easy: a caption about a red star and an image of blue squares differ everywhere. BLIP picks
+# **hard** negatives from the batch using the ITC similarities it has just computed: for each text, a
+# negative image is drawn with probability
+#
+# $$P(\text{image } j \mid T_i) = \frac{\exp(S_{ji})}{\sum_{k \notin \text{pos}(i)} \exp(S_{ki})},\quad j \notin \text{pos}(i)$$
+#
+# and likewise a negative text for each image. Similar-looking negatives are drawn most often. The
+# ITM batch then holds $n$ positives, $n$ (text, negative image) and $n$ (image, negative text) pairs.
+# We draw them by hand and check against the library with the same random generator:
+
+# %%
+weights_t2i = F.softmax(sim_i2t.t(), dim=1).masked_fill(same.bool(), 0)  # [n_txt, n_img], positives excluded
+weights_i2t = F.softmax(sim_i2t, dim=1).masked_fill(same.bool(), 0)  # [n_img, n_txt]
+g = torch.Generator().manual_seed(cfg.seed)
+ours_neg_img = torch.multinomial(weights_t2i.cpu(), 1, generator=g).squeeze(1)  # [n]
+ours_neg_txt = torch.multinomial(weights_i2t.cpu(), 1, generator=g).squeeze(1)  # [n]
+lib_neg_img, lib_neg_txt = blip.mine_hard_negatives(sim_i2t.cpu(), img_ids.cpu(), torch.Generator().manual_seed(cfg.seed))
+assert torch.equal(ours_neg_img, lib_neg_img) and torch.equal(ours_neg_txt, lib_neg_txt)
+assert not (img_ids.cpu()[ours_neg_img] == img_ids.cpu()).any()  # never a positive
+
+# %% [markdown]
+# The ITM logits, written with the text encoder and checked against `transformers`'
+# `BlipForImageTextRetrieval(use_itm_head=True)` (which expects the caller to put `[ENC]` first):
+
+# %%
+enc_input = batch["input_ids"].clone()
+enc_input[:, 0] = blip.enc_token_id()
+with torch.no_grad():
+    out = untrained.retrieval.text_encoder(
+        input_ids=enc_input, attention_mask=batch["attention_mask"],
+        encoder_hidden_states=image_embeds,  # cross-attention to the image tokens
+        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device),
+    )
+    ours_itm = untrained.retrieval.itm_head(out.last_hidden_state[:, 0, :])  # [n, 2]
+    hf_itm = untrained.retrieval(input_ids=enc_input, pixel_values=batch["pixel_values"],
+                                 attention_mask=batch["attention_mask"], use_itm_head=True).itm_score
+assert torch.allclose(ours_itm, hf_itm, atol=1e-5)
+assert torch.allclose(ours_itm, untrained.itm_logits(batch["input_ids"], batch["attention_mask"], image_embeds), atol=1e-5)
+itm = blip.itm_loss(untrained, image_embeds, batch["input_ids"], batch["attention_mask"], sim_i2t, img_ids,
+                    torch.Generator().manual_seed(cfg.seed))
+print(f"ITM loss of the untrained model: {itm['loss'].item():.3f} on {3 * n} pairs, a third of them positive")
+
+# %% [markdown]
+# ## 5. LM: the image-grounded decoder
+#
+# The decoder reads `[DEC]` and the caption with a causal mask, cross-attends to the image, and
+# predicts each next token; padding is ignored (label -100):
+#
+# $$\mathcal{L}_{\text{lm}} = -\frac{1}{N}\sum_{i,t} \sum_w q_{i,t}(w) \log P_\theta(w \mid w_{i,<t}, I_i),
+# \qquad q = (1-\epsilon)\,\text{onehot}(w_{i,t}) + \epsilon / |V|$$
+#
+# with label smoothing $\epsilon = 0.1$. Written out with the decoder's logits and checked against the
+# loss `transformers`' `BlipForConditionalGeneration` computes from `labels`:
+
+# %%
+dec_ids, labels = blip.decoder_inputs(batch["input_ids"])  # [DEC] first; padding -> -100
+decoder = untrained.captioner.text_decoder
+with torch.no_grad():
+    logits = decoder(input_ids=dec_ids, attention_mask=batch["attention_mask"], encoder_hidden_states=image_embeds).logits  # [n, L, vocab]
+    ours_lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                              ignore_index=-100, label_smoothing=decoder.label_smoothing)
+    hf_lm = untrained.captioner(pixel_values=batch["pixel_values"], input_ids=dec_ids,
+                                attention_mask=batch["attention_mask"], labels=labels).loss
+    lib_lm = blip.lm_loss(untrained, image_embeds, batch["input_ids"], batch["attention_mask"])
+assert torch.allclose(ours_lm, hf_lm, atol=1e-5) and torch.allclose(ours_lm, lib_lm, atol=1e-5)
+print(f"LM loss of the untrained model: {ours_lm.item():.3f} (uniform over the vocabulary: ln {logits.shape[-1]} = {np.log(logits.shape[-1]):.3f})")
+
+# %% [markdown]
+# One practical detail. The LM head scores every position against all 30,524 words: for a tiny model
+# that matrix product costs more than the rest of the step together. On a CPU (the `tiny` profile)
+# the kit therefore trains the LM over a **shortlist**: the wordpieces that occur in the training
+# captions, and generation is restricted to them. On a GPU (`gpu`, `full`) the whole vocabulary is
+# used. The loss is the same formula over fewer words:
+
+# %%
+shortlist = blip.caption_shortlist(train.input_ids)  # sorted token ids
+with torch.no_grad():
+    short_lm = blip.lm_loss(untrained, image_embeds, batch["input_ids"], batch["attention_mask"], shortlist=shortlist.to(device))
+print(f"shortlist: {len(shortlist)} of {len(tok)} tokens | untrained LM loss over it {short_lm.item():.3f} "
+      f"(uniform: ln {len(shortlist)} = {np.log(len(shortlist)):.3f})")
+
+# %% [markdown]
+# ## 6. Training the tiny BLIP
+#
+# `blip.blip_loss` runs the image encoder once per batch and adds the three losses above;
+# `uniir_lite.train.fit` (the kit's one trainer) does the rest: AdamW with BLIP's weight decay 0.05, a
+# short warm-up, a cosine schedule. `train_or_load_blip` loads the model from
+# `OUT_DIR/checkpoints/02_blip` if an earlier run saved it, else trains and saves it (with its
+# training log), so this cell is fast the second time. Simplifications against the paper: no
+# momentum encoder and no queue for ITC (notebook 01 discusses both), and no pre-trained
+# initialisation: BLIP starts from an ImageNet ViT and BERT-base, we start from scratch.
+
+# %%
+model, log = blip.train_or_load_blip(cfg, root)
+model = model.to(device).eval()
+trained_here = not log.empty
+if trained_here:
+    log[["step", "loss", "itc", "itm", "lm", "itm_acc", "temp"]].iloc[[0, len(log) // 2, -1]].round(3)
+
+# %%
+if trained_here:
+    fig, axes = plt.subplots(1, 4, figsize=(13, 2.9))
+    for ax, (col, title) in zip(axes, [("itc", "ITC loss"), ("itm", "ITM loss"), ("lm", "LM loss"), ("itm_acc", "ITM accuracy (training batch)")]):
+        ax.plot(log["step"], log[col], color="#4C72B0")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[1].axhline(-(np.log(1 / 3) + 2 * np.log(2 / 3)) / 3, color="#8C8C8C", ls="--", lw=1, label="constant 1/3 guess")
+    axes[3].axhline(2 / 3, color="#8C8C8C", ls="--", lw=1, label="always 'no match'")
+    axes[1].legend(fontsize=7)
+    axes[3].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, "02_training_curves", cfg)
+    plt.show()
+
+# %% [markdown]
+# ### Which negatives does the mining pick?
+#
+# Back to the training batch of section 3, now with the trained model. For a few images we list the
+# three captions the mining is most likely to draw as negatives, with their probabilities, and the
+# same probabilities under the untrained model, which are close to uniform over the batch.
+
+# %%
+def negative_weights(med, batch):
+    with torch.no_grad():
+        emb = med.encode_image(batch["pixel_values"])
+        sim = med.image_feat(emb) @ med.text_feat(batch["input_ids"], batch["attention_mask"]).t() / med.temp.clamp(0.001, 0.5)
+    mask = batch["img_ids"][:, None] == batch["img_ids"][None, :]
+    return F.softmax(sim, dim=1).masked_fill(mask, 0)  # [n_img, n_txt]: P(negative text j | image i)
+
+
+w_trained, w_untrained = negative_weights(model, batch), negative_weights(untrained, batch)
+rows = [0, 1, 2, 3]
+fig, axes = plt.subplots(len(rows), 2, figsize=(10, 1.55 * len(rows)), gridspec_kw={"width_ratios": [1, 6]})
+for r, i in enumerate(rows):
+    axes[r, 0].imshow(show(batch["pixel_values"][i]))
+    axes[r, 0].axis("off")
+    axes[r, 1].axis("off")
+    true_caption = tok.decode(batch["input_ids"][i], skip_special_tokens=True)
+    top = torch.topk(w_trained[i], 3)
+    lines = [f"positive: {true_caption}"] + [
+        f"p={p:.2f} (untrained {w_untrained[i, j]:.2f}):  {tok.decode(batch['input_ids'][j], skip_special_tokens=True)}"
+        for p, j in zip(top.values.tolist(), top.indices.tolist())]
+    for k, line in enumerate(lines):
+        axes[r, 1].text(0, 0.85 - 0.27 * k, line[:120], fontsize=7.5, transform=axes[r, 1].transAxes,
+                        color="#2E7D32" if k == 0 else "#B03A2E", va="top")
+fig.suptitle(f"hard negative captions drawn for an image, batch of {len(batch['img_ids'])} (uniform would be 1/{len(batch['img_ids']) - 1})", fontsize=9)
+fig.tight_layout()
+save_figure(fig, "02_hard_negatives", cfg)
+plt.show()
+top_mass = pd.DataFrame({
+    "model": ["untrained", "trained"],
+    "mean P of the most likely negative": [w_untrained.max(1).values.mean().item(), w_trained.max(1).values.mean().item()],
+}).set_index("model")
+top_mass.round(3)
+
+# %% [markdown]
+# After training, the mining concentrates on a few negatives per image, and they are captions that
+# share colours or shapes with the positive: exactly the pairs the ITM head must learn to tell apart.
+
+# %% [markdown]
+# ## 7. Retrieval: ITC shortlists, ITM re-ranks
+#
+# ITC embeds every image and text once; a search is one matrix product. ITM looks at a text and an
+# image *together*, which is more precise but costs a full forward pass per pair, so BLIP uses it only
+# on the top $k$ ITC candidates, ranking them by
+#
+# $$\text{score}(T, I) = \text{logit}_{\text{match}}^{\text{itm}}(T, I) + \cos\big(f_t(T), f_v(I)\big)$$
+#
+# We retrieve the image of each test caption among all test images (text → image, M-BEIR's task 1)
+# and measure UniIR's Recall@k with the kit's metric code. A random ranking finds the one positive
+# in the top $k$ with probability $k/N$.
+
+# %%
+qrels = {str(q): {test.img_paths[int(test.img_ids[q])]: 1} for q in range(len(test))}
+
+
+def to_run(idx, scores):
+    """{qid: [(did, score), ...]} best first, as uniir_lite.metrics expects."""
+    return {str(q): [(test.img_paths[int(i)], float(s)) for i, s in zip(idx[q], scores[q])] for q in range(len(idx))}
+
+
+def retrieval(med):
+    e = blip.embed(med, test, batch_size=cfg.eval_batch_size, device=device)
+    cos, idx = search(e["txt_feat"], e["img_feat"], k=RERANK_K)  # [n_txt, K] each, best first
+    itm_logit = blip.itm_match_logits(med, test, e["image_embeds"], idx)  # [n_txt, K]
+    rerank = itm_logit + cos  # BLIP's re-ranking score
+    order = np.argsort(-rerank, axis=1, kind="stable")
+    run_itc = to_run(idx, cos)
+    run_itm = to_run(np.take_along_axis(idx, order, 1), np.take_along_axis(rerank, order, 1))
+    row = {f"{name} R@{k}": recall_at_k(run, qrels, k) for name, run in [("ITC", run_itc), ("ITC+ITM", run_itm)] for k in (1, 5)}
+    row[f"ITC R@{RERANK_K}"] = recall_at_k(run_itc, qrels, RERANK_K)  # the ceiling of re-ranking
+    return row, e
+
+
+n_images = len(test.img_paths)
+results = {}
+results["untrained"], emb_untrained = retrieval(untrained)
+results["trained"], emb_trained = retrieval(model)
+results["chance"] = {c: min(1.0, int(c.split("@")[1]) / n_images) for c in results["trained"]}
+results = pd.DataFrame(results).T
+results.round(3)
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 3))
+results.T.plot.bar(ax=ax, color=["#8C8C8C", "#4C72B0", "#DDDDDD"], edgecolor="#555555")
+ax.set_ylabel("Recall@k (hit rate)")
+ax.set_title(f"text → image retrieval among {n_images} test images")
+ax.tick_params(axis="x", rotation=0)
+save_figure(fig, "02_retrieval", cfg)
+plt.show()
+
+# %% [markdown]
+# ### ITM on positives vs hard negatives
+#
+# Re-ranking helps only if ITM can tell the positive from the images ITC confuses it with. For each
+# test caption we score its own image and its **hardest** negative: the wrong image ITC ranks
+# highest. A model that ignores the image scores both alike; accuracy is the mean of "positive
+# above 1/2" and "hard negative below 1/2" (chance 0.5).
+
+
+# %%
+def itm_pos_vs_hard(med, e):
+    sims = e["txt_feat"] @ e["img_feat"].t()  # [n_txt, n_img]
+    own = test.img_ids.to(sims.device)
+    hard = sims.scatter(1, own[:, None], -9.0).argmax(dim=1)  # the top wrong image per text
+    ids, mask = test.input_ids.to(device), test.attention_mask.to(device)
+    p_pos = med.itm_score(ids, mask, e["image_embeds"][own])
+    p_neg = med.itm_score(ids, mask, e["image_embeds"][hard])
+    return {"P(match) positive": p_pos.mean().item(), "P(match) hard negative": p_neg.mean().item(),
+            "accuracy": ((p_pos > 0.5).float().mean().item() + (p_neg < 0.5).float().mean().item()) / 2,
+            "positive ranked above hard negative": (p_pos > p_neg).float().mean().item()}
+
+
+itm_table = pd.DataFrame({"untrained": itm_pos_vs_hard(untrained, emb_untrained),
+                          "trained": itm_pos_vs_hard(model, emb_trained)}).T
+itm_table.round(3)
+
+# %% [markdown]
+# ## 8. Captioning
+#
+# The decoder writes a caption from `[DEC]`, one token at a time, feeding each choice back
+# (greedy decoding here; BLIP uses beam search or nucleus sampling), until it emits `[SEP]`. We
+# caption test images before and after training.
+
+# %%
+gen_before = untrained.generate(test.pixels.to(device), max_new_tokens=20)
+gen_after = [c for s in range(0, len(test.pixels), cfg.eval_batch_size)
+             for c in model.generate(test.pixels[s:s + cfg.eval_batch_size].to(device), max_new_tokens=blip.MAX_TEXT_LEN)]
+first_caption = {int(i): c for i, c in reversed(list(zip(test.img_ids.tolist(), test.captions)))}
+src_of = {int(i): p.src_content for i, p in reversed(list(zip(test.img_ids.tolist(), test_pairs)))}
+show_idx = np.linspace(0, len(test.pixels) - 1, 6).astype(int)
+fig = image_grid([show(test.pixels[i]) for i in show_idx],
+                 [f"TRUE: {first_caption[i]}\nBEFORE: {gen_before[i][:60]}\nAFTER: {gen_after[i]}" for i in show_idx],
+                 ncols=3, cell=3.0, title_width=44)
+save_figure(fig, "02_captions", cfg)
+plt.show()
+
+# %% [markdown]
+# How good are the captions? The synthetic images come with their attributes (`src_content`), so we
+# can check the words that matter: the colours and shapes (or garment) a caption names against those
+# in the image, as an F1 score per image (synonyms count: "rhombus" is a diamond). A caption that
+# names nothing scores 0. As a reference that uses no image at all, we caption every image with the
+# most common training caption.
+
+# %%
+from collections import Counter
+
+prior_caption = Counter(p.caption for p in train_pairs).most_common(1)[0][0]
+caption_quality = pd.DataFrame({
+    name: {"attribute F1": np.mean([blip.attribute_f1(caps[i], src_of[i]) for i in range(len(test.pixels))]),
+           "names a colour or shape": np.mean([bool(blip.attributes_named(caps[i])) for i in range(len(test.pixels))])}
+    for name, caps in [("untrained", gen_before), ("same caption for every image", [prior_caption] * len(test.pixels)),
+                       ("trained", gen_after)]
+}).T
+print(f"most common training caption: {prior_caption!r}")
+caption_quality.round(3)
+
+# %% [markdown]
+# ## 9. CapFilt: the ITM head as a caption filter
+#
+# BLIP was pre-trained on web pairs whose alt-texts often do not describe the image. Its remedy,
+# **CapFilt**, fine-tunes two copies of the pre-trained model on clean human captions (COCO): a
+# *captioner* (the LM head) writes a synthetic caption for each web image, and a *filter* (the ITM
+# head) removes the web and synthetic captions it judges not to match. The cleaned data then
+# trains a new model, which is better than one trained on the raw data.
+#
+# We reproduce the filter. We take `N_CAPFILT` training pairs and corrupt `CORRUPT_RATE` of them in
+# three ways, a third each: swap the colour words for other colours, swap the shape (or garment)
+# words, or replace the caption with another image's. The trained ITM head scores every pair; a pair
+# with $P(\text{match}) < 1/2$ is removed. A filter that removes pairs at random would have a
+# precision equal to the corruption rate.
+
+# %%
+idx = rng.choice(len(train_pairs), min(N_CAPFILT, len(train_pairs)), replace=False)
+pairs = [train_pairs[i] for i in idx]
+kinds = np.array(["clean"] * len(pairs), dtype=object)
+corrupt_rows = rng.choice(len(pairs), int(round(CORRUPT_RATE * len(pairs))), replace=False)
+kinds[corrupt_rows] = np.array(["colour", "shape", "random"])[np.arange(len(corrupt_rows)) % 3]
+texts = [p.caption if k == "clean" else blip.corrupt_caption(p.caption, rng, [q.caption for q in pairs if q.img_path != p.img_path], k)
+         for p, k in zip(pairs, kinds)]
+changed = np.array([t != p.caption for t, p in zip(texts, pairs)])
+kinds[(kinds != "clean") & ~changed] = "clean"  # a swap that found nothing to swap left the caption clean
+noisy = blip.CaptionData(pairs, loader, captions=texts)
+pd.DataFrame({"kind": [kinds[r] for r in corrupt_rows[:3]],
+              "original": [pairs[r].caption for r in corrupt_rows[:3]],
+              "corrupted": [texts[r] for r in corrupt_rows[:3]]})
+
+# %%
+def itm_scores(med, data):
+    with torch.no_grad():
+        emb = torch.cat([med.encode_image(data.pixels[s:s + cfg.eval_batch_size].to(device))
+                         for s in range(0, len(data.pixels), cfg.eval_batch_size)])
+        return torch.cat([med.itm_score(data.input_ids[s:s + cfg.eval_batch_size].to(device),
+                                        data.attention_mask[s:s + cfg.eval_batch_size].to(device),
+                                        emb[data.img_ids[s:s + cfg.eval_batch_size].to(device)])
+                          for s in range(0, len(data), cfg.eval_batch_size)]).cpu().numpy()
+
+
+def filter_quality(p_match):
+    removed, corrupted = p_match < 0.5, kinds != "clean"
+    return {"corruption rate": corrupted.mean(), "removed": removed.mean(),
+            "precision": (removed & corrupted).sum() / max(1, removed.sum()),
+            "recall": (removed & corrupted).sum() / corrupted.sum(),
+            **{f"recall ({k})": (removed & (kinds == k)).sum() / max(1, (kinds == k).sum()) for k in ("colour", "shape", "random")},
+            "clean kept": (~removed & ~corrupted).sum() / (~corrupted).sum()}
+
+
+p_untrained, p_trained = itm_scores(untrained, noisy), itm_scores(model, noisy)
+capfilt = pd.DataFrame({"untrained ITM": filter_quality(p_untrained), "trained ITM": filter_quality(p_trained)}).T
+capfilt.round(3)
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 3))
+bins = np.linspace(0, 1, 26)
+for k, color in [("clean", "#55A868"), ("colour", "#DD8452"), ("shape", "#8172B3"), ("random", "#C44E52")]:
+    ax.hist(p_trained[kinds == k], bins=bins, histtype="step", lw=1.8, density=True, color=color, label=f"{k} ({(kinds == k).sum()})")
+ax.axvline(0.5, color="#333333", ls="--", lw=1)
+ax.set_xlabel("ITM P(match) of the trained model")
+ax.set_ylabel("density")
+ax.set_title("CapFilt: ITM scores of clean and corrupted captions (left of the line: removed)")
+ax.legend(fontsize=8, title="caption")
+save_figure(fig, "02_capfilt_scores", cfg)
+plt.show()
+
+# %% [markdown]
+# The captioner half of CapFilt: for the pairs the filter removed, the trained decoder writes a new
+# caption, and the filter judges it too. A kept synthetic caption replaces the bad one.
+
+# %%
+removed_rows = np.flatnonzero(p_trained < 0.5)
+synthetic_caps = [c for s in range(0, len(removed_rows), cfg.eval_batch_size)
+                  for c in model.generate(noisy.pixels[noisy.img_ids[removed_rows[s:s + cfg.eval_batch_size]]].to(device))]
+synth = blip.CaptionData([pairs[r] for r in removed_rows], loader, captions=synthetic_caps)
+p_synth = itm_scores(model, synth) if len(removed_rows) else np.array([])
+captioner_table = pd.DataFrame({
+    "text": ["removed caption", "synthetic caption"],
+    "attribute F1": [np.mean([blip.attribute_f1(texts[r], pairs[r].src_content) for r in removed_rows]),
+                     np.mean([blip.attribute_f1(c, pairs[r].src_content) for c, r in zip(synthetic_caps, removed_rows)])],
+    "kept by the filter": [0.0, float((p_synth >= 0.5).mean()) if len(p_synth) else float("nan")],
+}).set_index("text")
+print(f"{len(removed_rows)} pairs removed; e.g. {texts[removed_rows[0]]!r} -> {synthetic_caps[0]!r}")
+captioner_table.round(3)
