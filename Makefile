@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.uniir-kit-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test reproduce lab notebooks readme lock clean distclean
+.PHONY: setup test reproduce lab notebooks readme bench lock clean distclean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ notebooks: setup
 # Record the wall times of the last `make reproduce` and regenerate the README's measured tables.
 readme: setup
 	$(PY) -m uniir_lite readme --record runs/$(PROFILE)/report.json
+
+# Speed and memory benchmarks -> benchmarks/results/<device>.json (BENCH_SIZE=ci|small|full; default:
+# full sizes on a GPU, small on CPU). `make readme` turns the files into the README's performance table.
+bench: setup
+	$(PY) benchmarks/run.py --size $(or $(BENCH_SIZE),auto)
 
 lock:
 	uv pip compile pyproject.toml --all-extras --python-version 3.11 \

@@ -2,7 +2,8 @@
 
 `make readme` records the wall times and metrics of the latest passing `make reproduce`
 (runs/<profile>/report.json) into `results/measured.json` and regenerates the blocks between
-`<!-- BEGIN name -->` and `<!-- END name -->`.
+`<!-- BEGIN name -->` and `<!-- END name -->`. The `performance` block comes from the files that
+`make bench` writes to `benchmarks/results/`.
 """
 
 from __future__ import annotations
@@ -82,7 +83,64 @@ def metrics_table(profile: str = "tiny") -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"notebooks": notebook_table, "metrics": metrics_table}
+GPU_GOAL_DEVICE = ("nvidia-h100", "NVIDIA H100")  # (file-name prefix, name): where the issue's goals are set
+
+
+def _num(x: float | None, fmt: str | None = None) -> str:
+    """3 significant digits without exponents (0.0439, 2.5, 142, 2,880); `fmt` overrides."""
+    if x is None:
+        return "-"
+    if fmt:
+        return fmt.format(x)
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _fastest_candidate(row: dict) -> str:
+    """The candidate setting (`details.variants`) with the highest throughput, relative to the kit."""
+    speeds = {name: v.get("items_per_s") or v.get("samples_per_s")
+              for name, v in row.get("details", {}).get("variants", {}).items()}
+    speeds = {name: x for name, x in speeds.items() if x}
+    if not speeds or not row["kit"] or row["better"] != "higher":
+        return "-"
+    name = max(speeds, key=speeds.get)
+    return f"{name}: {speeds[name] / row['kit']:.2f}x"
+
+
+def performance_table(results_dir: str | Path | None = None) -> str:
+    """One table per results file of `benchmarks/results/` (measured numbers only), and "not yet
+    measured" rows for the GPU the goals are set on while it has no file."""
+    from uniir_lite.bench import load_results, planned_results
+
+    docs = load_results(results_dir or repo_root() / "benchmarks" / "results")
+    header = ["| benchmark | unit | kit | UniIR recipe | kit vs recipe | limit | of limit | fastest candidate vs kit |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    out = []
+    for doc in docs:
+        load = doc.get("load", {})
+        before, after = (load.get(k, [None])[0] for k in ("loadavg_before", "loadavg_after"))
+        limit = doc.get("matmul_limit", {})
+        out += [f"**{doc.get('device_name', doc['device'])}**, {doc['date']}, `--size {doc.get('size', '?')}`, "
+                f"{limit.get('dtype', '?')} matmul {_num(limit.get('tflops'))} TFLOP/s, "
+                f"load average {_num(before, '{:.1f}')} -> {_num(after, '{:.1f}')} "
+                f"(`benchmarks/results/{doc['device']}.json`)", ""] + header
+        for r in doc["results"]:
+            out.append(f"| {r['name']} | {r['unit']} | {_num(r['kit'])} | {_num(r['uniir_recipe'])} | "
+                       f"{_num(r['ratio_vs_recipe'], '{:.2f}x')} | {_num(r['limit'])} | "
+                       f"{_num(r['fraction_of_limit'] and 100 * r['fraction_of_limit'], '{:.0f}%')} | "
+                       f"{_fastest_candidate(r)} |")
+        notes = list(dict.fromkeys(r["note"] for r in doc["results"] if r.get("note")))  # once each
+        notes += [f"{s['name']}: not run at this size ({s['why']})" for s in doc.get("skipped", [])]
+        out += [""] + [f"- {n}" for n in notes] + [""]
+    prefix, name = GPU_GOAL_DEVICE
+    if not any(doc["device"].startswith(prefix) for doc in docs):
+        out += [f"**{name}**: not yet measured (`make bench` on a machine with one)", ""] + header
+        out += [f"| {bench_name} | {unit} | not yet measured | not yet measured | - | - | - | - |"
+                for bench_name, unit in planned_results("full")]
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+BLOCKS = {"notebooks": notebook_table, "metrics": metrics_table, "performance": performance_table}
 
 
 def render(text: str) -> str:
