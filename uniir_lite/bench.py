@@ -360,9 +360,7 @@ def bench_embedding(case: EmbedCase, device: torch.device, size: BenchSize, limi
             recipe_tflops=rec["items_per_s"] * flops / 1e12, kit_peak_memory_bytes=kit["peak_memory_bytes"],
             recipe_peak_memory_bytes=rec["peak_memory_bytes"], variants=measured,
         ))
-    del model
-    free_memory(device)
-    return out
+    return out  # the towers are freed on return; each measurement starts with free_memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,8 +665,6 @@ def bench_search(case: SearchCase, device: torch.device, limit_flops: float, pro
     misses = explain_misses(q, c, kit_idx, ref_idx)
     if profile_dir is not None:
         profile_table(kit_run, device, profile_dir / "search.txt")
-    del q, c
-    free_memory(device)
     return [result(
         f"search {case.n_queries}x{case.n_candidates}x{case.dim} top-{case.k}", "s", kit_s, rec_s,
         flops / limit_flops, better="lower", note=note, flops=flops, input_dtype=str(dtype).removeprefix("torch."),
