@@ -11,6 +11,8 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 # Idempotent: rebuilt only when the lock or pyproject change. uv when it can be had (fast), pip otherwise.
+# Installed packages are compiled to bytecode: where PYTHONDONTWRITEBYTECODE is set, Python would
+# otherwise recompile torch, transformers and open_clip in every kernel (about 8 s per notebook).
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@if command -v uv >/dev/null 2>&1; then UV=uv; \
@@ -18,10 +20,12 @@ $(STAMP): requirements.lock pyproject.toml
 	else UV=; fi; \
 	if [ -n "$$UV" ]; then \
 	  echo "setup: installing requirements.lock into $(VENV) with uv"; \
-	  $$UV pip install -q --python $(PY) -r requirements.lock && $$UV pip install -q --python $(PY) --no-deps -e .; \
+	  $$UV pip install -q --python $(PY) --compile-bytecode -r requirements.lock && \
+	  $$UV pip install -q --python $(PY) --no-deps -e .; \
 	else \
 	  echo "setup: installing requirements.lock into $(VENV) with pip"; \
-	  $(PY) -m pip install -q -r requirements.lock && $(PY) -m pip install -q --no-deps -e .; \
+	  $(PY) -m pip install -q -r requirements.lock && $(PY) -m pip install -q --no-deps -e . && \
+	  $(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null; \
 	fi
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (uniir-kit)" >/dev/null
 	@touch $(STAMP)

@@ -26,6 +26,7 @@ from uniir_lite.data.torch_data import (
     MBEIRCollator,
     MBEIREmbedDataset,
     MBEIRTrainDataset,
+    _PoolRows,
     target_modality,
 )
 from uniir_lite.instructions import InstructionTable, choose, instruct_query
@@ -105,6 +106,16 @@ def test_target_modality_prefers_the_querys_own_dataset():
 def train_pool(tmp_path_factory):
     return read_pool(MINI / "cand_pool/global/mbeir_union_train_cand_pool.jsonl",
                      cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_pool_rows_are_cached_up_to_a_cap(train_pool):
+    rows = _PoolRows(train_pool, cache_size=2)
+    dids = train_pool["did"][:3]
+    for did in dids + dids:
+        assert rows[did] == train_pool[rows.row_of[did]] and len(rows._rows) <= 2
+    assert rows[dids[0]] is rows[dids[0]]  # the second read comes from the cache
+    with pytest.raises(KeyError, match="not in the pool"):
+        rows["no-such-did"]
 
 
 def test_train_dataset_items(train_pool):

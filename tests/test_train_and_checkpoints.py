@@ -1,5 +1,6 @@
 """The trainer, checkpoints, image loading and offline tokenizers."""
 
+import os
 
 import numpy as np
 import pytest
@@ -87,6 +88,30 @@ def test_image_loader(tmp_path):
     assert imgs.shape == (2, 3, 4, 4) and mask.tolist() == [1.0, 0.0] and imgs[1].abs().sum() == 0
     with pytest.raises(FileNotFoundError, match="nope.png"):
         loader("nope.png")
+
+
+def test_image_cache_is_shared_and_sees_rewritten_files(tmp_path):
+    Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(tmp_path / "img.png")
+    first = ImageLoader(tmp_path, image_size=4)("img.png")
+    assert ImageLoader(tmp_path, image_size=4)("img.png") is first  # another loader: decoded once
+    assert ImageLoader(tmp_path, image_size=4, cache=False)("img.png") is not first
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "img.png")
+    os.utime(tmp_path / "img.png", ns=(1, 1))  # a rewrite within the clock's resolution still differs
+    again = ImageLoader(tmp_path, image_size=4)("img.png")
+    assert again[0, 0, 0] < 0 < first[0, 0, 0]  # black now, white before
+
+
+def test_clip_tokenizer_cache_returns_what_the_bpe_returns():
+    import open_clip
+
+    reference = open_clip.tokenizer.SimpleTokenizer(context_length=8)
+    tok = ClipTokenizer(context_length=8, cache_size=3)
+    for texts in (["a red circle", "", "a red circle"], ["two blue stars", "a red circle", "x", "y"], []):
+        ids = tok(texts)
+        assert ids.shape == (len(texts), 8)
+        if texts:
+            assert torch.equal(ids, reference(texts, context_length=8))
+    assert len(tok._cache) <= 4  # cleared when full: never more than the cap plus one batch
 
 
 def test_offline_tokenizers_have_their_real_vocabularies():

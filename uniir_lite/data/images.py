@@ -19,22 +19,27 @@ class ImageLoader:
     """`loader(img_path) -> [3, size, size]` float tensor for paths relative to the M-BEIR root.
 
     Bicubic resize to a square (UniIR's evaluation transform for BLIP; CLIP's centre crop is the same
-    on square images). `cache=True` keeps decoded tensors in memory: the tiny benchmark's images fit
-    in a few tens of MB and are read many times during training.
+    on square images). `cache=True` keeps decoded tensors in memory, shared by every loader of the
+    same root and size in this process: the tiny benchmark's images fit in a few tens of MB and are
+    read many times by training and by each evaluation.
     """
+
+    _shared: dict[tuple[str, int], dict[str, tuple[int, torch.Tensor]]] = {}  # path -> (mtime_ns, tensor)
 
     def __init__(self, root: str | Path, image_size: int, cache: bool = True):
         self.root = Path(root)
         self.image_size = image_size
-        self._cache: dict[str, torch.Tensor] | None = {} if cache else None
+        key = (str(self.root.resolve()), image_size)
+        self._cache = self._shared.setdefault(key, {}) if cache else None
         self._mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         self._std = torch.tensor(CLIP_STD).view(3, 1, 1)
 
     def __call__(self, img_path: str) -> torch.Tensor:
-        if self._cache is not None and img_path in self._cache:
-            return self._cache[img_path]
         path = self.root / img_path
         try:
+            mtime = path.stat().st_mtime_ns  # a rewritten image (new data in the same folder) is read again
+            if self._cache is not None and self._cache.get(img_path, (None,))[0] == mtime:
+                return self._cache[img_path][1]
             img = Image.open(path).convert("RGB")
         except (FileNotFoundError, OSError) as e:
             raise FileNotFoundError(f"{path}: cannot read image ({e})") from None
@@ -42,7 +47,7 @@ class ImageLoader:
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3, S, S]
         x = (x - self._mean) / self._std
         if self._cache is not None:
-            self._cache[img_path] = x
+            self._cache[img_path] = (mtime, x)
         return x
 
     def batch(self, img_paths: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,18 +37,27 @@ def target_modality(query: Query, modality_of: Callable[[str], str]) -> str:
 
 
 class _PoolRows:
-    """did -> row lookup into an Arrow pool without copying its columns into Python."""
+    """did -> row lookup into an Arrow pool without copying its columns into Python; rows read once
+    are kept (up to `cache_size`), as training draws the same positives every epoch."""
 
-    def __init__(self, pool: datasets.Dataset) -> None:
+    def __init__(self, pool: datasets.Dataset, cache_size: int = 100_000) -> None:
         self.pool = pool
         # One int per did: the union train pool fits; the texts stay in the memory-mapped file.
         self.row_of = {did: i for i, did in enumerate(pool.data.column("did").to_pylist())}
+        self.cache_size = cache_size
+        self._rows: dict[str, dict[str, Any]] = {}
 
     def __getitem__(self, did: str) -> dict[str, Any]:
-        try:
-            return self.pool[self.row_of[did]]
-        except KeyError:
-            raise KeyError(f"candidate {did} is not in the pool") from None
+        row = self._rows.get(did)
+        if row is None:
+            try:
+                row = self.pool[self.row_of[did]]
+            except KeyError:
+                raise KeyError(f"candidate {did} is not in the pool") from None
+            if len(self._rows) >= self.cache_size:
+                self._rows.clear()
+            self._rows[did] = row
+        return row
 
     def modality(self, did: str) -> str:
         return self[did]["modality"]

@@ -17,9 +17,13 @@ BERT_VOCAB_SIZE = 30522  # bert-base-uncased WordPiece, used by BLIP and the Q-F
 
 
 class ClipTokenizer:
-    """open_clip's `SimpleTokenizer` (the real CLIP BPE) with a chosen context length."""
+    """open_clip's `SimpleTokenizer` (the real CLIP BPE) with a chosen context length.
 
-    def __init__(self, context_length: int = 77):
+    Token ids are memoised per text (up to `cache_size` texts): training sees the same captions every
+    epoch, and BPE in Python costs more than the tiny towers' forward pass.
+    """
+
+    def __init__(self, context_length: int = 77, cache_size: int = 200_000):
         import open_clip
 
         self._tok = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
@@ -27,9 +31,22 @@ class ClipTokenizer:
         self.vocab_size = len(self._tok.encoder)
         if self.vocab_size != CLIP_VOCAB_SIZE:
             raise RuntimeError(f"CLIP BPE vocabulary has {self.vocab_size} tokens, expected {CLIP_VOCAB_SIZE}")
+        self.cache_size = cache_size
+        self._cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        return self._tok(list(texts), context_length=self.context_length)  # [n, context_length]
+        texts = list(texts)
+        if not texts:
+            return torch.zeros(0, self.context_length, dtype=torch.long)
+        ids = {t: self._cache[t] for t in texts if t in self._cache}
+        new = [t for t in dict.fromkeys(texts) if t not in ids]
+        if new:
+            fresh = dict(zip(new, self._tok(new, context_length=self.context_length)))  # text -> [context_length]
+            if len(self._cache) + len(new) > self.cache_size:
+                self._cache.clear()
+            self._cache.update(fresh)
+            ids.update(fresh)
+        return torch.stack([ids[t] for t in texts])  # [n, context_length]
 
     def decode(self, ids: torch.Tensor) -> str:
         return self._tok.decode([i for i in ids.tolist() if i > 0])
