@@ -23,6 +23,25 @@ def med(cfg):
     return blip.build_blip(cfg, head="med")
 
 
+@pytest.fixture(scope="module")
+def toy(cfg):
+    """16 noisy solid-colour squares (4 colours x 4) captioned "a <colour> square.": (root, pairs)."""
+    from PIL import Image
+
+    from uniir_lite.data.pairs import ImageCaption
+
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 35, 35), "blue": (35, 75, 215), "green": (25, 135, 45), "yellow": (240, 215, 30)}
+    root = cfg.out_dir / "data"
+    (root / "img").mkdir(parents=True)
+    pairs = []
+    for i, (name, rgb) in enumerate(list(colours.items()) * 4):
+        arr = np.full((32, 32, 3), rgb, np.uint8) + rng.integers(0, 20, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "img" / f"{i}.png")
+        pairs.append(ImageCaption(f"img/{i}.png", f"a {name} square.", '{"kind": "square", "colour": "%s"}' % name, "t"))
+    return root, pairs
+
+
 def _inputs(texts, n_img=None, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     tok = blip.tokenize(texts)
@@ -135,20 +154,8 @@ def test_itm_loss_shapes_and_labels(med):
     assert (out["neg_img"] != torch.arange(4)).all()
 
 
-def test_training_lowers_the_losses_and_checkpoint_reloads(cfg, monkeypatch):
-    from uniir_lite.data.pairs import ImageCaption
-
-    rng = np.random.default_rng(0)
-    colours = {"red": (220, 35, 35), "blue": (35, 75, 215), "green": (25, 135, 45), "yellow": (240, 215, 30)}
-    root = cfg.out_dir / "data"
-    (root / "img").mkdir(parents=True)
-    from PIL import Image
-
-    pairs = []
-    for i, (name, rgb) in enumerate(list(colours.items()) * 4):
-        arr = np.full((32, 32, 3), rgb, np.uint8) + rng.integers(0, 20, (32, 32, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(root / "img" / f"{i}.png")
-        pairs.append(ImageCaption(f"img/{i}.png", f"a {name} square.", '{"kind": "square", "colour": "%s"}' % name, "t"))
+def test_training_lowers_the_losses_and_checkpoint_reloads(cfg, toy, monkeypatch):
+    root, pairs = toy
     monkeypatch.setattr("uniir_lite.data.pairs.image_caption_pairs", lambda r, split="train": pairs)
     model, log = blip.train_or_load_blip(cfg, root, steps=30)
     assert {"itc", "itm", "lm", "itm_acc"} <= set(log.columns)
@@ -158,6 +165,29 @@ def test_training_lowers_the_losses_and_checkpoint_reloads(cfg, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert again.captioner.vision_model is again.retrieval.vision_model  # sharing survives loading
     assert len(again.generate(torch.zeros(2, 3, 32, 32), max_new_tokens=4)) == 2
+
+
+def test_tiny_itm_learns_to_reject_random_negatives(cfg, toy):
+    """The tiny profile's recipe (random ITM negatives, `itm_hardness`) teaches the ITM head to accept the
+    matching pairs and reject other colours' images within 60 steps."""
+    from uniir_lite.data.images import ImageLoader
+    from uniir_lite.train import fit
+
+    assert blip.itm_hardness(cfg) == 0.0 and blip.itm_hardness(dataclasses.replace(cfg, profile="gpu")) == 1.0
+    root, pairs = toy
+    data = blip.CaptionData(pairs, ImageLoader(root, 32))
+    model = blip.build_blip(cfg, head="med")
+    model.lm_shortlist = blip.caption_shortlist(data.input_ids)
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fit(model, lambda m, b: blip.blip_loss(m, b, g, blip.itm_hardness(cfg)), data.batches(8, 0), blip.train_config(cfg, 60))
+    other = (data.img_ids + 1) % len(data.img_paths)  # the next image, of another colour
+    with torch.no_grad():
+        emb = model.encode_image(data.pixels)
+        p_pos = model.itm_score(data.input_ids, data.attention_mask, emb[data.img_ids]).mean().item()
+        p_neg = model.itm_score(data.input_ids, data.attention_mask, emb[other]).mean().item()
+    assert p_pos > 0.5 > p_neg and p_pos - p_neg > 0.4  # untrained, the two are about equal
 
 
 def test_attribute_words_and_corruption():

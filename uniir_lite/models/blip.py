@@ -415,14 +415,23 @@ class CaptionData:
                 yield self.batch(order[start:start + batch_size])
 
 
+def itm_hardness(cfg) -> float:
+    """The `hardness` of the ITM's negatives: BLIP's in-batch hard negatives (1) with real-size towers,
+    random in-batch negatives (0) with the tiny ones. Trained from scratch for a CPU budget, the tiny ITM
+    cannot tell ITC's look-alike negatives from the positives: fed those, it answers the share of
+    positives in its batch (1/3) for every pair and rejects nothing. Random negatives it learns to
+    reject. Taught in notebook 02."""
+    return 0.0 if preset_name(cfg) == "tiny" else 1.0
+
+
 def train_config(cfg, steps: int | None = None):
     """BLIP's pre-training optimiser (AdamW, weight decay 0.05, cosine) at a learning rate for tiny towers."""
     from uniir_lite.train import TrainConfig
 
     lr = 2e-3 if preset_name(cfg) == "tiny" else 3e-4
-    return TrainConfig(max_steps=steps or cfg.max_steps, lr=lr, weight_decay=0.05, betas=(0.9, 0.999),
-                       warmup_steps=max(1, (steps or cfg.max_steps) // 20), precision=cfg.precision,
-                       log_every=10, progress=False)
+    steps = steps or cfg.max_steps
+    return TrainConfig(max_steps=steps, lr=lr, weight_decay=0.05, betas=(0.9, 0.999), warmup_steps=max(1, steps // 20),
+                       precision=cfg.precision, log_every=10, progress=False)
 
 
 def use_shortlist(cfg) -> bool:
@@ -430,10 +439,12 @@ def use_shortlist(cfg) -> bool:
     return preset_name(cfg) == "tiny"
 
 
-def train_or_load_blip(cfg, root: str | Path, steps: int | None = None, force: bool = False):
+def train_or_load_blip(cfg, root: str | Path, steps: int | None = None, force: bool = False,
+                       hardness: float | None = None):
     """The trained MED of notebook 02, loaded from `cfg.checkpoint_dir / "02_blip"` if present, else
     trained on the synthetic image–caption pairs (ITC + ITM + LM) and saved. Returns `(model, log)`,
-    the training log as a DataFrame (kept in the checkpoint). In the `full` profile: the pretrained
+    the training log as a DataFrame (kept in the checkpoint). `steps` and the ITM negatives' `hardness`
+    default to `cfg.max_steps` and `itm_hardness(cfg)`. In the `full` profile: the pretrained
     Salesforce models and an empty log."""
     import pandas as pd
 
@@ -446,9 +457,10 @@ def train_or_load_blip(cfg, root: str | Path, steps: int | None = None, force: b
         return build_blip(cfg, head="med").to(cfg.device), pd.DataFrame()
     directory = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME
     tcfg = train_config(cfg, steps)
+    hardness = itm_hardness(cfg) if hardness is None else float(hardness)
     recipe = {"preset": preset_name(cfg), "patch": PRESETS[preset_name(cfg)]["patch"], "image_size": cfg.image_size,
               "embed_dim": cfg.embed_dim, "seed": cfg.seed, "steps": tcfg.max_steps, "batch_size": cfg.batch_size,
-              "lr": tcfg.lr, "shortlist": use_shortlist(cfg)}
+              "lr": tcfg.lr, "shortlist": use_shortlist(cfg), "itm_hardness": hardness}
     if has_checkpoint(directory) and not force:
         state, saved = load_checkpoint(directory)
         if saved.get("recipe") == recipe:
@@ -463,7 +475,8 @@ def train_or_load_blip(cfg, root: str | Path, steps: int | None = None, force: b
     generator = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        log = fit(model, lambda m, b: blip_loss(m, b, generator), data.batches(cfg.batch_size, cfg.seed), tcfg, cfg.device)
+        log = fit(model, lambda m, b: blip_loss(m, b, generator, hardness), data.batches(cfg.batch_size, cfg.seed),
+                  tcfg, cfg.device)
     shortlist = None if model.lm_shortlist is None else model.lm_shortlist.tolist()
     save_checkpoint(directory, model, {"recipe": recipe, "lm_shortlist": shortlist,
                                        "log": log.to_dict(orient="records")})
