@@ -95,6 +95,8 @@ def test_image_cache_is_shared_and_sees_rewritten_files(tmp_path):
     first = ImageLoader(tmp_path, image_size=4)("img.png")
     assert ImageLoader(tmp_path, image_size=4)("img.png") is first  # another loader: decoded once
     assert ImageLoader(tmp_path, image_size=4, cache=False)("img.png") is not first
+    big = ImageLoader(tmp_path, image_size=224)  # real-size images are not kept unless asked
+    assert big("img.png") is not big("img.png")
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "img.png")
     os.utime(tmp_path / "img.png", ns=(1, 1))  # a rewrite within the clock's resolution still differs
     again = ImageLoader(tmp_path, image_size=4)("img.png")

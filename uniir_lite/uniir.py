@@ -98,7 +98,7 @@ def collator(model: UniIRModel, root: str | Path):
     from uniir_lite.data.torch_data import MBEIRCollator
 
     # datasets resolve image paths against the absolute root, so the loader's join keeps them as is
-    loader = ImageLoader(Path(root).resolve(), model.image_size, cache=model.image_size <= 64)
+    loader = ImageLoader(Path(root).resolve(), model.image_size)
     return MBEIRCollator(model.tokenize, loader, model.image_size)
 
 

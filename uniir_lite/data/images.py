@@ -19,17 +19,19 @@ class ImageLoader:
     """`loader(img_path) -> [3, size, size]` float tensor for paths relative to the M-BEIR root.
 
     Bicubic resize to a square (UniIR's evaluation transform for BLIP; CLIP's centre crop is the same
-    on square images). `cache=True` keeps decoded tensors in memory, shared by every loader of the
-    same root and size in this process: the tiny benchmark's images fit in a few tens of MB and are
-    read many times by training and by each evaluation.
+    on square images). With `cache` (default: for images of at most 64 px, the tiny towers') decoded
+    tensors stay in memory, shared by every loader of the same root and size in this process: the tiny
+    benchmark's images fit in a few tens of MB and are read many times by training and by each
+    evaluation.
     """
 
     _shared: dict[tuple[str, int], dict[str, tuple[int, torch.Tensor]]] = {}  # path -> (mtime_ns, tensor)
 
-    def __init__(self, root: str | Path, image_size: int, cache: bool = True):
+    def __init__(self, root: str | Path, image_size: int, cache: bool | None = None):
         self.root = Path(root)
         self.image_size = image_size
         key = (str(self.root.resolve()), image_size)
+        cache = image_size <= 64 if cache is None else cache
         self._cache = self._shared.setdefault(key, {}) if cache else None
         self._mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         self._std = torch.tensor(CLIP_STD).view(3, 1, 1)

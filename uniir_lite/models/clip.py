@@ -221,7 +221,7 @@ def train_clip(cfg: Config, root: str | Path, recipe: ClipRecipe | None = None, 
         with torch.no_grad():
             model.logit_scale.fill_(torch.log(torch.tensor(1.0 / recipe.fixed_temperature)).item())
         model.logit_scale.requires_grad_(False)
-    loader = loader or ImageLoader(root, recipe.image_size, cache=recipe.image_size <= 64)
+    loader = loader or ImageLoader(root, recipe.image_size)
     if loader.image_size != recipe.image_size:
         raise ValueError(f"the image loader makes {loader.image_size}-px images, the recipe wants {recipe.image_size}")
     pairs = image_caption_pairs(root, "train") if pairs is None else pairs
