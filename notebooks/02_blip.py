@@ -507,7 +507,7 @@ display(Markdown(
     f"Trained ITC finds the image in its top 5 for {results.loc['trained', 'ITC R@5']:.0%} of the captions "
     f"(untrained {results.loc['untrained', 'ITC R@5']:.0%}, chance {results.loc['chance', 'ITC R@5']:.0%}). "
     f"Re-ranking its top {RERANK_K} with the ITM moves Recall@5 to {results.loc['trained', 'ITC+ITM R@5']:.0%} "
-    f"({rerank_gain:+.0%}). The shortlist holds the positive {results.loc['trained', f'ITC R@{RERANK_K}']:.0%} "
+    f"({100 * rerank_gain:+.0f} points). The shortlist holds the positive {results.loc['trained', f'ITC R@{RERANK_K}']:.0%} "
     "of the time: that is the ceiling of re-ranking. The next table shows how well the ITM judges such a shortlist."))
 
 # %% [markdown]
