@@ -107,6 +107,7 @@ def test_clip_tokenizer_cache_returns_what_the_bpe_returns():
     import open_clip
 
     reference = open_clip.tokenizer.SimpleTokenizer(context_length=8)
+    ClipTokenizer._memos.pop(8, None)
     tok = ClipTokenizer(context_length=8, cache_size=3)
     for texts in (["a red circle", "", "a red circle"], ["two blue stars", "a red circle", "x", "y"], []):
         ids = tok(texts)
@@ -114,6 +115,8 @@ def test_clip_tokenizer_cache_returns_what_the_bpe_returns():
         if texts:
             assert torch.equal(ids, reference(texts, context_length=8))
     assert len(tok._cache) <= 4  # cleared when full: never more than the cap plus one batch
+    assert ClipTokenizer(context_length=8)._cache is tok._cache  # one memo per context length
+    assert torch.equal(ClipTokenizer(context_length=9)(["a red circle"]), reference(["a red circle"], context_length=9))
 
 
 def test_offline_tokenizers_have_their_real_vocabularies():

@@ -19,9 +19,13 @@ BERT_VOCAB_SIZE = 30522  # bert-base-uncased WordPiece, used by BLIP and the Q-F
 class ClipTokenizer:
     """open_clip's `SimpleTokenizer` (the real CLIP BPE) with a chosen context length.
 
-    Token ids are memoised per text (up to `cache_size` texts): training sees the same captions every
-    epoch, and BPE in Python costs more than the tiny towers' forward pass.
+    Token ids are memoised per text (up to `cache_size` texts), in one memo per context length shared
+    by every instance in this process: training sees the same captions every epoch, notebooks tokenize
+    the same test queries for every model they compare, and BPE in Python costs more than the tiny
+    towers' forward pass.
     """
+
+    _memos: dict[int, dict[str, torch.Tensor]] = {}  # context_length -> text -> [context_length]
 
     def __init__(self, context_length: int = 77, cache_size: int = 200_000):
         import open_clip
@@ -32,7 +36,7 @@ class ClipTokenizer:
         if self.vocab_size != CLIP_VOCAB_SIZE:
             raise RuntimeError(f"CLIP BPE vocabulary has {self.vocab_size} tokens, expected {CLIP_VOCAB_SIZE}")
         self.cache_size = cache_size
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache = self._memos.setdefault(context_length, {})
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         texts = list(texts)
