@@ -1,6 +1,6 @@
 """Benchmarks: `make bench` in its CI size writes a valid results file, the README's performance
-table comes from such files, the GPU-only logic runs on CPU, and the screened exact search that
-the search benchmark led to (`retrieval.search`) returns the float32 search's results.
+table comes from such files, and the GPU-only logic runs on CPU. The screened exact search that the
+search benchmark led to is tested with the rest of `retrieval` (tests/test_retrieval.py).
 
 No timing is asserted: timings on a shared CI machine say nothing about the code.
 """
@@ -12,14 +12,13 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from uniir_lite import bench, readme
 from uniir_lite.config import repo_root
-from uniir_lite.retrieval import SCREEN_EXTRA, screen_error, search
+from uniir_lite.retrieval import search
 
 # ---------------------------------------------------------------------------------------------
 # make bench, CI size
@@ -192,73 +191,3 @@ def test_result_orientation_makes_larger_better() -> None:
     assert (up["ratio_vs_recipe"], up["fraction_of_limit"]) == (3.0, 0.5)
     assert (down["ratio_vs_recipe"], down["fraction_of_limit"]) == (3.0, 0.5)
     assert bench.result("z", "s", 1.0, None, None)["ratio_vs_recipe"] is None
-
-
-# ---------------------------------------------------------------------------------------------
-# Screened exact search (retrieval.search), which this benchmark motivated
-# ---------------------------------------------------------------------------------------------
-
-
-def _reference(q: np.ndarray, c: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    qn = q.astype(np.float64) / np.linalg.norm(q.astype(np.float64), axis=1, keepdims=True)
-    cn = c.astype(np.float64) / np.linalg.norm(c.astype(np.float64), axis=1, keepdims=True)
-    scores = qn @ cn.T
-    order = np.lexsort((np.broadcast_to(np.arange(len(c)), scores.shape), -scores), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, axis=1), order
-
-
-@pytest.mark.parametrize("screen", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("chunk_size", "query_chunk_size"), [(300, 7), (16384, 1024)])
-def test_screened_search_returns_the_exact_top_k(screen, chunk_size, query_chunk_size) -> None:
-    rng = np.random.default_rng(0)
-    q = rng.standard_normal((40, 48)).astype(np.float32)
-    c = (rng.standard_normal((2000, 48)) * rng.uniform(0.1, 10, (2000, 1))).astype(np.float32)  # unnormalised
-    stats: dict = {}
-    scores, idx = search(q, c, 10, screen=screen, chunk_size=chunk_size, query_chunk_size=query_chunk_size, stats=stats)
-    ref_scores, ref_idx = _reference(q, c, 10)
-    np.testing.assert_array_equal(idx, ref_idx)
-    np.testing.assert_allclose(scores, ref_scores, atol=1e-6)
-    assert stats["screen"] == str(screen).removeprefix("torch.") and stats["shortlist"] == 10 + SCREEN_EXTRA
-    assert stats["rows"] == 40 and stats["rows_redone"] < 40
-
-
-def test_screen_searches_again_the_rows_it_cannot_settle() -> None:
-    # Query 0 ties with 150 copies of its own direction, more than the shortlist holds, so the
-    # bound cannot prove the shortlist complete: that row is searched again in float32, and the
-    # tie is broken by candidate index. Query 1 has no such tie.
-    rng = np.random.default_rng(3)
-    c = rng.standard_normal((600, 16)).astype(np.float32)
-    tied = np.sort(rng.choice(600, size=150, replace=False))
-    c[tied] = 0.0
-    c[tied, 0] = rng.uniform(0.5, 2.0, size=150)  # same direction, different lengths
-    q = np.stack([np.eye(16, dtype=np.float32)[0], rng.standard_normal(16).astype(np.float32)])
-    stats: dict = {}
-    scores, idx = search(q, c, 5, screen=torch.bfloat16, chunk_size=64, stats=stats)
-    assert stats["rows_redone"] == 1
-    assert idx[0].tolist() == tied[:5].tolist()
-    np.testing.assert_allclose(scores[0], 1.0, atol=1e-6)
-    np.testing.assert_array_equal(idx, _reference(q, c, 5)[1])
-
-
-@pytest.mark.parametrize("screen", [torch.bfloat16, torch.float16])
-def test_screen_error_bound_holds(screen) -> None:
-    dim = 768
-    g = torch.Generator().manual_seed(0)
-    q = F.normalize(torch.randn(64, dim, generator=g), dim=-1)
-    c = torch.cat([
-        F.normalize(torch.randn(500, dim, generator=g), dim=-1),
-        q,  # score 1: the largest rounding of the output
-        F.normalize(torch.randn(100, dim, generator=g) ** 9, dim=-1),  # heavy-tailed: a few large entries
-        F.normalize(torch.ones(1, dim) + 2.0**-9, dim=-1),  # every entry rounds the same way
-    ])
-    approx = (q.to(screen) @ c.to(screen).T).double()  # what the screen ranks by
-    exact = q.double() @ c.double().T
-    assert (approx - exact).abs().max().item() <= screen_error(screen, dim)
-
-
-def test_default_search_is_exact_and_rejects_unknown_screens() -> None:
-    rng = np.random.default_rng(5)
-    q, c = rng.standard_normal((8, 32)).astype(np.float32), rng.standard_normal((500, 32)).astype(np.float32)
-    np.testing.assert_array_equal(search(q, c, 10)[1], _reference(q, c, 10)[1])
-    with pytest.raises(ValueError, match="screen"):
-        search(q, c, 10, screen=torch.float64)
