@@ -366,17 +366,15 @@ print(f"shortlist: {len(shortlist)} of {len(tok)} tokens | untrained LM loss ove
 # - in the `tiny` profile, **random in-batch negatives for ITM** (`hardness=0` in
 #   `blip.mine_hard_negatives`; the knob is `ITM_HARDNESS`).
 #
-# Why not BLIP's hard negatives? Fed them, the tiny ITM head learns nothing (exercise 1 shows it). Our
-# reading of why: its image-grounded encoder, trained from scratch for a minute, sees little more of an
-# image than its overall look (background, dominant colours): its cross-attention stays nearly uniform
-# over image tokens that differ little from one another. ITC learns that same overall look within a few dozen steps, and from
-# then on the negatives it mines share it with the positive. Unable to tell the two apart, the ITM head
-# does the best it can: it answers the share of positives in its batch, $P(\text{match}) = 1/3$, for
-# every pair, which rejects nothing. A warm-up on random negatives before switching to hard ones ends
-# the same way as soon as the switch comes. Random negatives, on the other hand, it learns to reject,
-# and that is what the caption filter of section 9 needs. BLIP's ITM starts from a pre-trained BERT and
-# sees millions of pairs; the `gpu` and `full` profiles keep its hard negatives. Exercise 1 puts them
-# back here.
+# Why not BLIP's hard negatives? Fed them, the tiny ITM head learns nothing (exercise 1 puts them back
+# to show it). Our reading of why: its image-grounded encoder, trained from scratch for a minute, sees
+# little more of an image than its overall look (background, dominant colours). ITC learns that overall
+# look early, and from then on the negatives it mines share it with the positive. Unable to tell the two
+# apart, the ITM head does the best it can: it answers the share of positives in its batch,
+# $P(\text{match}) = 1/3$, for every pair, which rejects nothing. In our trials a warm-up on random
+# negatives only delayed this until the switch to hard ones. Random negatives, on the other hand, it
+# learns to reject, and that is what the caption filter of section 9 needs. BLIP's ITM starts from a
+# pre-trained BERT and sees millions of pairs; the `gpu` and `full` profiles keep its hard negatives.
 
 # %%
 model, log = blip.train_or_load_blip(cfg, root, hardness=ITM_HARDNESS)
