@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.uniir-kit-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test reproduce lab notebooks readme bench lock clean distclean
+.PHONY: setup test test-fast reproduce lab notebooks readme bench lock clean distclean
 
 setup: $(STAMP)
 
@@ -33,8 +33,14 @@ $(STAMP): requirements.lock pyproject.toml
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The unit tests alone (no notebooks): minutes less than `make test`.
+test-fast: setup
+	$(PY) -m pytest -q -m "not notebook" $(PYTEST_ARGS)
+
+# Knobs for one run without editing a profile: `make reproduce PROFILE=full DEVICE=cpu`, or any knob
+# with SET="MAX_STEPS=20 DATA_DIR=/data/M-BEIR".
 reproduce: setup
-	$(PY) -m uniir_lite reproduce --profile $(PROFILE)
+	$(PY) -m uniir_lite reproduce --profile $(PROFILE) $(if $(DEVICE),--set DEVICE=$(DEVICE)) $(foreach s,$(SET),--set $(s))
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

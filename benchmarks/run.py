@@ -4,7 +4,7 @@
     python benchmarks/run.py --size ci --out /tmp/bench   # seconds, for tests
     python benchmarks/run.py --only search --profile runs/bench/profiles
 
-What is measured, and against what, is described in `uniir_lite/bench.py`.
+What is measured, and against what, is described in `uniir_lite/kit/bench.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from uniir_lite import bench  # noqa: E402
+from uniir_lite.kit import bench  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

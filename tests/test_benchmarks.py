@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uniir_lite import bench, readme
+from uniir_lite.kit import bench, readme
 from uniir_lite.config import repo_root
 from uniir_lite.retrieval import search
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from uniir_lite import harness
-from uniir_lite.record import compare_metrics, load_expected, record_metrics
+from uniir_lite.kit import harness
+from uniir_lite.kit.record import compare_metrics, load_expected, record_metrics
 
 NOTEBOOK = '''\
 # %% [markdown]
@@ -86,7 +86,7 @@ def test_wrong_expected_value_fails_with_readable_message(tmp_path):
 
 
 def test_cli_exit_code_on_a_miss(tmp_path, monkeypatch):
-    from uniir_lite import cli
+    from uniir_lite.kit import cli
 
     nb_dir = make_project(tmp_path, {"90_first": "x = 1"}, {"90_first": {"answer": {"value": 0, "tolerance": 1}}})
     monkeypatch.setattr(harness, "notebooks_dir", lambda: nb_dir)
@@ -182,3 +182,47 @@ def test_contract_checker_finds_broken_notebooks(tmp_path):
     problems = "\n".join(harness.contract_problems(bad))
     assert "literal" in problems and "DEVICE" in problems and "first code cell" in problems
     assert 'record_metrics("91_bad"' in problems
+
+
+def test_figures_are_stored_inline_in_the_executed_notebook(tmp_path):
+    draw = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()"
+    nb_dir = make_project(tmp_path, {"90_draws": draw}, {"90_draws": {"answer": {"min": 0}}})
+    report, log = run(tmp_path, nb_dir)
+    assert report.ok, log
+    executed = json.loads((tmp_path / "out" / "90_draws.ipynb").read_text())
+    images = [o for c in executed["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 1
+
+
+def test_a_notebook_that_draws_but_shows_no_figure_fails(tmp_path, monkeypatch):
+    # a kernel with a non-interactive backend (what the harness used to start) renders nothing
+    blind_env = harness._kernel_env()
+    monkeypatch.setattr(harness, "_kernel_env", lambda: {**blind_env, "MPLBACKEND": "Agg"})
+    draw = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()"
+    nb_dir = make_project(tmp_path, {"90_draws": draw}, {"90_draws": {"answer": {"min": 0}}})
+    report, log = run(tmp_path, nb_dir)
+    assert not report.ok
+    assert report.results[0].status == "error"
+    assert "no image output" in report.results[0].error
+
+
+def test_overrides_reach_the_notebook(tmp_path):
+    nb_dir = make_project(tmp_path, {"90_first": "x = 1"}, {"90_first": {"seed": {"value": 7, "tolerance": 0}}})
+    report, log = run(tmp_path, nb_dir, overrides={"SEED": 7})
+    assert report.ok, log
+
+
+def test_gain_over_another_metric():
+    expected = {"trained": {"min_gain_over": "untrained", "min": 0.3}}
+    ok, = compare_metrics({"trained": 0.8, "untrained": 0.4}, expected)[:1]
+    assert ok.ok and ok.check == "gain" and ok.describe_expected() == ">= untrained + 0.3"
+    miss, = compare_metrics({"trained": 0.6, "untrained": 0.4}, expected)[:1]
+    assert miss.ok is False
+    absent, = compare_metrics({"trained": 0.9}, expected)[:1]  # the baseline was not recorded
+    assert absent.ok is False
+
+
+def test_gain_without_a_margin_is_rejected(tmp_path):
+    (tmp_path / "e.json").write_text(json.dumps({"nb": {"trained": {"min_gain_over": "untrained"}}}))
+    with pytest.raises(ValueError, match="nb/trained"):
+        load_expected(tmp_path / "e.json")

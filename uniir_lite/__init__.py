@@ -1,9 +1,13 @@
 """uniir_lite: the small library behind the uniir-kit notebooks.
 
 Public API (imported lazily so the command line starts fast):
-- `setup(PROFILE, **knobs)`: the setup cell of every notebook (resolve profile, seed, device).
+- `setup(globals())`: the setup cell of every notebook (profile and knobs, seed, device, plot style, data).
 - `record_metrics(notebook, metrics, cfg)`: the last cell of every notebook.
-- modules: config, env, record, harness, data.mbeir, data.synthetic, retrieval, metrics, instructions.
+- the lessons' modules: config, env, data (mbeir, validate, synthetic, sources, torch_data, images),
+  models, fusion, instructions, losses, train, checkpoints, retrieval, metrics, evaluation, viz.
+
+The kit's own tooling (notebook harness, recorder/comparator, README rendering, benchmarks, the
+`uniir-lite` command) lives apart, in `uniir_lite.kit`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_API = {"setup": "uniir_lite.env", "record_metrics": "uniir_lite.record", "resolve": "uniir_lite.config"}
+_API = {"setup": "uniir_lite.env", "record_metrics": "uniir_lite.kit.record", "resolve": "uniir_lite.config"}
 
 __all__ = sorted(_API)
 

@@ -1,5 +1,5 @@
 import sys
 
-from uniir_lite.cli import main
+from uniir_lite.kit.cli import main
 
 sys.exit(main())

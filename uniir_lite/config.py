@@ -79,6 +79,7 @@ class Config:
     precision: str
     pretrained: bool
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data_root: Path | None = None  # set by `setup`: the M-BEIR-format directory the notebook reads
 
     @property
     def metrics_dir(self) -> Path:
@@ -87,6 +88,22 @@ class Config:
     @property
     def checkpoint_dir(self) -> Path:
         return self.out_dir / "checkpoints"
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """`["DEVICE=cpu", "MAX_STEPS=20"]` -> `{"DEVICE": "cpu", "MAX_STEPS": 20}` (values read as YAML).
+
+    Only the shared knobs may be set this way; a typo is an error naming the knobs there are."""
+    out = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--set {pair!r}: expected KNOB=VALUE, e.g. DEVICE=cpu")
+        if name not in KNOBS:
+            raise ValueError(f"--set {pair!r}: {name} is not a knob; the knobs are {', '.join(KNOBS)}")
+        out[name] = yaml.safe_load(value) if value.strip() else None
+    return out
 
 
 def resolve(PROFILE: str = "tiny", **knobs: Any) -> Config:

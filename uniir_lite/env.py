@@ -5,17 +5,18 @@ Taught in notebook 00.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import random
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from uniir_lite.config import Config, repo_root, resolve
+from uniir_lite.config import KNOBS, Config, repo_root, resolve
 
 
 def seed_everything(seed: int) -> None:
@@ -83,26 +84,34 @@ def environment() -> dict[str, Any]:
     }
 
 
-def setup(PROFILE: str = "tiny", **knobs: Any) -> Config:
-    """The setup cell of every notebook: resolve the profile, seed, pick the device, make the folders.
+def setup(notebook_globals: Mapping[str, Any] | str = "tiny", /, **knobs: Any) -> Config:
+    """The setup cell of every notebook: `cfg = uniir_lite.setup(globals())`.
 
-    Prints one line describing the run.
+    Reads `PROFILE` and the shared knobs (`KNOBS`) from the notebook's globals (its `parameters`
+    cell, plus what papermill injects), fills every `None` from the profile, seeds Python, NumPy and
+    torch, picks the device, makes the output folders, applies the plot style and finds the data:
+    `cfg.data_root` is the synthetic benchmark (`tiny`, `gpu`; written once, then reused) or the real
+    M-BEIR (`full`; missing files raise `MissingData`, which says what to fetch). Prints one line about
+    the run. `setup("tiny", MAX_STEPS=10)` does the same outside a notebook.
     """
-    cfg = resolve(PROFILE, **knobs)
+    from uniir_lite.data.sources import data_root
+    from uniir_lite.viz import use_style
+
+    if isinstance(notebook_globals, Mapping):
+        profile = notebook_globals.get("PROFILE") or "tiny"
+        knobs = {**{k: notebook_globals.get(k) for k in KNOBS if k != "PROFILE"}, **knobs}
+    else:
+        profile = notebook_globals
+    cfg = resolve(profile, **knobs)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    cfg = _replace(cfg, device=str(device))
+    cfg = dataclasses.replace(cfg, device=str(device))
     for path in (cfg.out_dir, cfg.metrics_dir, cfg.fig_dir):
         path.mkdir(parents=True, exist_ok=True)
+    use_style()
     print(
         f"uniir-kit | profile {cfg.profile} | {describe_device(device)} | seed {cfg.seed} | "
         f"python {platform.python_version()} torch {torch.__version__} | git {git_sha()}",
         file=sys.stdout,
     )
-    return cfg
-
-
-def _replace(cfg: Config, **changes: Any) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, data_root=data_root(cfg))

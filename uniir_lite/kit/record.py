@@ -7,7 +7,10 @@ An expectation is one of
     {"value": v, "tolerance": t}   |measured - v| <= t
     {"min": a}                      measured >= a   (e.g. "trained recall beats chance by a margin")
     {"max": b}                      measured <= b
-Keys starting with "_" are comments.
+    {"min_gain_over": "other", "min": g}   measured - measured["other"] >= g   (a lesson's margin, e.g.
+                                    trained beats untrained by g, computed from two recorded keys)
+Keys starting with "_" are comments. Recorded metrics without an expectation are kept in the
+metrics file but left out of the report and the notebook's table.
 """
 
 from __future__ import annotations
@@ -29,10 +32,14 @@ class MetricCheck:
     value: float | None  # None: not recorded
     expected: float | None  # the value or bound; None: no expectation
     tolerance: float | None
-    check: str | None  # "abs", "min", "max" or None
+    check: str | None  # "abs", "min", "max", "gain" or None
     ok: bool | None  # None: recorded but not checked
+    over: str | None = None  # "gain": the metric the gain is measured over
+    base: float | None = None  # "gain": that metric's recorded value
 
     def describe_expected(self) -> str:
+        if self.check == "gain":
+            return f">= {self.over} + {_fmt(self.expected)}"
         if self.check == "abs":
             return f"{_fmt(self.expected)} ± {_fmt(self.tolerance)}"
         if self.check == "min":
@@ -71,9 +78,10 @@ def load_expected(path: Path | str) -> dict[str, dict[str, dict[str, float]]]:
                 continue
             if not isinstance(spec, dict) or not (
                 ("value" in spec and "tolerance" in spec) or "min" in spec or "max" in spec
-            ):
+            ) or ("min_gain_over" in spec and "min" not in spec):
                 raise ValueError(
-                    f"{path}: {notebook}/{name}: expected {{'value', 'tolerance'}}, {{'min'}} or {{'max'}}, got {spec!r}"
+                    f"{path}: {notebook}/{name}: expected {{'value', 'tolerance'}}, {{'min'}}, {{'max'}} or "
+                    f"{{'min_gain_over', 'min'}}, got {spec!r}"
                 )
             out[notebook][name] = spec
     return out
@@ -84,13 +92,19 @@ def compare_metrics(measured: Mapping[str, float], expected: Mapping[str, Mappin
     checks = []
     for name, spec in expected.items():
         value = measured.get(name)
+        if "min_gain_over" in spec:
+            over = spec["min_gain_over"]
+            base = measured.get(over)
+            ok = _is_number(value) and _is_number(base) and value - base >= spec["min"] - 1e-12
+            checks.append(MetricCheck(name, value, spec["min"], None, "gain", bool(ok), over, base))
+            continue
         if "min" in spec:
             kind, bound, tol = "min", spec["min"], None
         elif "max" in spec:
             kind, bound, tol = "max", spec["max"], None
         else:
             kind, bound, tol = "abs", spec["value"], spec["tolerance"]
-        if value is None or not isinstance(value, (int, float)) or math.isnan(value):
+        if not _is_number(value):
             ok = False
         elif kind == "min":
             ok = value >= bound
@@ -103,6 +117,10 @@ def compare_metrics(measured: Mapping[str, float], expected: Mapping[str, Mappin
         if name not in expected:
             checks.append(MetricCheck(name, value, None, None, None, None))
     return checks
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not math.isnan(x)
 
 
 def metrics_file(out_dir: Path, notebook: str) -> Path:
@@ -121,7 +139,7 @@ def record_metrics(notebook: str, metrics: Mapping[str, float], cfg: Config) -> 
     )
     path = expected_path(cfg.profile)
     expected = load_expected(path).get(notebook, {}) if path.is_file() else {}
-    _display(notebook, compare_metrics(clean, expected))
+    _display(notebook, compare_metrics(clean, expected), clean)
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -141,14 +159,16 @@ def checks_table_html(checks: list[MetricCheck]) -> str:
     return f"<table><tr><th>metric</th><th>measured</th><th>expected</th><th></th></tr>{rows}</table>"
 
 
-def _display(notebook: str, checks: list[MetricCheck]) -> None:
+def _display(notebook: str, checks: list[MetricCheck], metrics: Mapping[str, float]) -> None:
+    """The checked metrics as a table (every recorded one stays in the JSON bundle and the file)."""
+    checks = [c for c in checks if c.ok is not None]
     text = "\n".join(f"{c.name:32s} {_fmt(c.value):>10s}   {c.describe_expected()}" for c in checks)
     bundle = {
         "text/plain": text,
         "text/html": checks_table_html(checks),
         "application/json": {
             "notebook": notebook,
-            "metrics": {c.name: c.value for c in checks},
+            "metrics": dict(metrics),
         },
     }
     try:

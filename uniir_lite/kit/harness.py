@@ -20,7 +20,7 @@ import yaml
 from uniir_lite.config import load_profile, repo_root
 from uniir_lite.env import environment
 from uniir_lite.io import write_json_atomic
-from uniir_lite.record import MetricCheck, compare_metrics, load_expected, metrics_file
+from uniir_lite.kit.record import MetricCheck, compare_metrics, load_expected, metrics_file
 
 KERNEL = "python3"
 # Wall-clock limit per notebook, by profile (the tiny notebooks take about a minute each).
@@ -83,7 +83,8 @@ def sync_notebooks(directory: Path | None = None) -> list[Path]:
 class NotebookResult:
     name: str
     seconds: float
-    status: str  # "ok", "failed" (a metric missed), "error" (a cell raised), "timeout", "missing"
+    status: str  # "ok", "failed" (a metric missed), "error" (a cell raised), "timeout", "missing",
+    # "missing-data" (the profile's data or weights are not on disk: the error says what to fetch)
     output: Path | None = None
     error: str | None = None
     checks: list[MetricCheck] = dataclasses.field(default_factory=list)
@@ -108,7 +109,8 @@ def _kernel_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(
         JUPYTER_PREFER_ENV_PATH="1",
-        MPLBACKEND="Agg",
+        # the inline backend: every figure a cell draws is stored in the executed notebook as image/png
+        MPLBACKEND="module://matplotlib_inline.backend_inline",
         PYDEVD_DISABLE_FILE_VALIDATION="1",
         TOKENIZERS_PARALLELISM="false",
         TQDM_DISABLE=env.get("TQDM_DISABLE", "1"),
@@ -136,6 +138,35 @@ def describe_failure(output: Path) -> str | None:
     return None
 
 
+def figure_problem(output: Path) -> str | None:
+    """A notebook whose code draws (`plt.`) but whose executed copy holds no image output shows its
+    readers nothing: name it. (A kernel started with a non-inline backend does exactly that.)"""
+    import nbformat
+
+    nb = nbformat.read(output, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    draws = any("plt." in c.source for c in code)
+    images = sum("image/png" in out.get("data", {}) for c in code for out in c.get("outputs", []))
+    if draws and images == 0:
+        return f"{output.name}: the code draws figures but the executed notebook holds no image output"
+    return None
+
+
+def missing_data_message(output: Path) -> str | None:
+    """The message of a `MissingData` error raised by a notebook's setup (what to fetch and how)."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(output, as_version=4)
+    except (OSError, ValueError):
+        return None
+    for cell in nb.cells:
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            if out.get("output_type") == "error" and out.get("ename") == "MissingData":
+                return out.get("evalue")
+    return None
+
+
 def run_notebook(
     source: Path, output: Path, parameters: dict[str, Any], timeout_s: float, log: Path | None = None
 ) -> tuple[str, float, str | None]:
@@ -160,7 +191,10 @@ def run_notebook(
             return "timeout", time.perf_counter() - start, f"timed out after {timeout_s:.0f} s (see {log})"
     seconds = time.perf_counter() - start
     if code == 0:
-        return "ok", seconds, None
+        return ("error", seconds, problem) if (problem := figure_problem(output)) else ("ok", seconds, None)
+    missing = missing_data_message(output) if output.is_file() else None
+    if missing:
+        return "missing-data", seconds, missing
     error = describe_failure(output) if output.is_file() else None
     log_text = log.read_text()
     if error is None:
@@ -212,8 +246,8 @@ class Report:
                 lines += ["```", r.error, "```", ""]
             if r.checks:
                 lines += ["| metric | measured | expected | ok |", "|---|---:|---|---|"]
-                mark = {True: "pass", False: "**FAIL**", None: "(not checked)"}
-                for c in r.checks:
+                mark = {True: "pass", False: "**FAIL**"}
+                for c in (c for c in r.checks if c.ok is not None):  # unchecked ones stay in report.json
                     value = "missing" if c.value is None else f"{c.value:.4g}"
                     lines.append(f"| {c.name} | {value} | {c.describe_expected()} | {mark[c.ok]} |")
         return "\n".join(lines) + "\n"
@@ -226,9 +260,12 @@ def reproduce(
     expected: Path | None = None,
     out_dir: Path | None = None,
     timeout_s: float | None = None,
+    overrides: dict[str, Any] | None = None,
     echo=print,
 ) -> Report:
-    """Run the manifest's notebooks in order, compare their metrics, write report.md and report.json."""
+    """Run the manifest's notebooks in order, compare their metrics, write report.md and report.json.
+
+    `overrides` replace profile knobs for this run only (`--set DEVICE=cpu`)."""
     nb_dir = Path(nb_dir or notebooks_dir())
     names = read_manifest(nb_dir / "manifest.yaml")
     if only:
@@ -236,7 +273,7 @@ def reproduce(
         if unknown:
             raise ValueError(f"not in {nb_dir / 'manifest.yaml'}: {', '.join(unknown)}")
         names = [n for n in names if n in only]
-    parameters = load_profile(profile)
+    parameters = {**load_profile(profile), **(overrides or {})}
     if out_dir is not None:
         parameters["OUT_DIR"] = str(out_dir)
     out_dir = Path(parameters["OUT_DIR"])
@@ -278,6 +315,9 @@ def reproduce(
         if result.error:
             echo("    " + result.error.replace("\n", "\n    "))
         results.append(result)
+        if result.status == "missing-data":  # the notebooks after it read the same data: stop here
+            echo("    (the remaining notebooks need the same files; fetch them and run again)")
+            break
 
     report = Report(profile, results, environment(), started)
     write_json_atomic(out_dir / "report.json", report.to_json())

@@ -7,16 +7,18 @@ import sys
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from uniir_lite.harness import reproduce
+    from uniir_lite.config import parse_overrides
+    from uniir_lite.kit.harness import reproduce
 
     report = reproduce(
-        args.profile, only=args.only, expected=args.expected, out_dir=args.out_dir, timeout_s=args.timeout
+        args.profile, only=args.only, expected=args.expected, out_dir=args.out_dir, timeout_s=args.timeout,
+        overrides=parse_overrides(args.set),
     )
     return 0 if report.ok else 1
 
 
 def _notebooks(args: argparse.Namespace) -> int:
-    from uniir_lite.harness import contract_problems, notebooks_dir, paired_ipynb_text, sync_notebooks
+    from uniir_lite.kit.harness import contract_problems, notebooks_dir, paired_ipynb_text, sync_notebooks
 
     if args.action == "sync":
         changed = sync_notebooks()
@@ -34,7 +36,7 @@ def _notebooks(args: argparse.Namespace) -> int:
 
 
 def _readme(args: argparse.Namespace) -> int:
-    from uniir_lite.readme import record_run, update_readme
+    from uniir_lite.kit.readme import record_run, update_readme
 
     if args.record:
         print(f"recorded the run in {record_run(args.record)}")
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected", help="expected-values file (default results/expected_<profile>.json)")
     p.add_argument("--out-dir", help="where executed notebooks, metrics and the report go (default: the profile's OUT_DIR)")
     p.add_argument("--timeout", type=float, help="seconds per notebook")
+    p.add_argument("--set", action="append", metavar="KNOB=VALUE",
+                   help="override a profile knob for this run only, e.g. --set DEVICE=cpu (repeatable)")
     p.set_defaults(func=_reproduce)
 
     p = sub.add_parser("notebooks", help="regenerate (sync) or check the paired .ipynb files")

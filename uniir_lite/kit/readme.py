@@ -67,7 +67,7 @@ def notebook_table() -> str:
 
 def metrics_table(profile: str = "tiny") -> str:
     """The checked metrics of each notebook: measured in the recorded run, and the expected range."""
-    from uniir_lite.record import MetricCheck
+    from uniir_lite.kit.record import MetricCheck
 
     run = load_measured().get(profile)
     if not run:
@@ -109,7 +109,7 @@ def _fastest_candidate(row: dict) -> str:
 def performance_table(results_dir: str | Path | None = None) -> str:
     """One table per results file of `benchmarks/results/` (measured numbers only), and "not yet
     measured" rows for the GPU the goals are set on while it has no file."""
-    from uniir_lite.bench import load_results, planned_results
+    from uniir_lite.kit.bench import load_results, planned_results
 
     docs = load_results(results_dir or repo_root() / "benchmarks" / "results")
     header = ["| benchmark | unit | kit | UniIR recipe | kit vs recipe | limit | of limit | fastest candidate vs kit |",
