@@ -2,8 +2,9 @@
 
 `make readme` records the wall times and metrics of the latest passing `make reproduce`
 (runs/<profile>/report.json) into `results/measured.json` and regenerates the blocks between
-`<!-- BEGIN name -->` and `<!-- END name -->`. The `performance` block comes from the files that
-`make bench` writes to `benchmarks/results/`.
+`<!-- BEGIN name -->` and `<!-- END name -->` of each page in `PAGES`: the notebook table in
+README.md, the checked metrics in results/README.md, and the performance tables in
+benchmarks/README.md (from the files that `make bench` writes to `benchmarks/results/`).
 """
 
 from __future__ import annotations
@@ -141,21 +142,34 @@ def performance_table(results_dir: str | Path | None = None) -> str:
 
 
 BLOCKS = {"notebooks": notebook_table, "metrics": metrics_table, "performance": performance_table}
+# Which generated blocks each page holds (paths relative to the checkout).
+PAGES = {"README.md": ("notebooks",), "results/README.md": ("metrics",), "benchmarks/README.md": ("performance",)}
 
 
-def render(text: str) -> str:
-    for name, make in BLOCKS.items():
+def render(text: str, blocks: tuple[str, ...] = tuple(BLOCKS), page: str = "README.md") -> str:
+    for name in blocks:
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
         if not pattern.search(text):
-            raise ValueError(f"README.md has no '<!-- BEGIN {name} -->' ... '<!-- END {name} -->' block")
-        text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
+            raise ValueError(f"{page} has no '<!-- BEGIN {name} -->' ... '<!-- END {name} -->' block")
+        text = pattern.sub(lambda m: m.group(1) + BLOCKS[name]() + "\n" + m.group(2), text)
     return text
 
 
+def stale_pages() -> list[str]:
+    """The pages whose generated blocks differ from what `make readme` would write."""
+    root = repo_root()
+    return [page for page, blocks in PAGES.items()
+            if render((root / page).read_text(), blocks, page) != (root / page).read_text()]
+
+
 def update_readme() -> bool:
-    path = repo_root() / "README.md"
-    old = path.read_text()
-    new = render(old)
-    if new != old:
-        path.write_text(new)
-    return new != old
+    """Regenerate the blocks of every page in `PAGES`; True when one changed."""
+    changed = False
+    for page, blocks in PAGES.items():
+        path = repo_root() / page
+        old = path.read_text()
+        new = render(old, blocks, page)
+        if new != old:
+            path.write_text(new)
+            changed = True
+    return changed
