@@ -38,22 +38,24 @@
 # Measured run times per profile are in the README's notebook table.
 
 # %% tags=["parameters"]
-PROFILE = "tiny"
-SEED = None
-DEVICE = None
-DATA_DIR = None
-OUT_DIR = None
-FIG_DIR = None
-DATA_SIZE = None
-EMBED_DIM = None
+PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" or "full" (real weights and M-BEIR)
+SEED = None  # None: the profile's value (so for every knob below)
+DEVICE = None  # "cpu", "cuda" or "auto"
+DATA_DIR = None  # the synthetic benchmark's folder, or M-BEIR's in full
+OUT_DIR = None  # checkpoints and recorded metrics
+FIG_DIR = None  # where figures are saved
+DATA_SIZE = None  # synthetic size ("tiny", "small", "gpu") or "full" (real M-BEIR)
+EMBED_DIM = None  # width of the shared embedding space
 
 # %% [markdown]
 # ## Setup
 #
 # Every notebook starts the same way. The cell above holds the knobs; `None` means "the profile's
 # value" (`profiles/tiny.yaml` here). `make reproduce` runs this notebook with papermill, which
-# injects the profile's values right after that cell. The setup cell resolves the knobs, seeds
-# Python, NumPy and torch, picks the device and prints one line about the run.
+# injects the profile's values right after that cell. The setup cell, `uniir_lite.setup(globals())`,
+# reads those knobs, seeds Python, NumPy and torch, picks the device, applies the plot style, finds
+# the data and prints one line about the run. One knob can be changed for one run without editing a
+# profile: `make reproduce SET="MAX_STEPS=20"` or `uniir-lite reproduce --set MAX_STEPS=20`.
 
 # %%
 import json
@@ -66,18 +68,14 @@ from PIL import Image
 import uniir_lite
 from uniir_lite import record_metrics
 from uniir_lite.config import load_profile, profile_names
-from uniir_lite.data import mbeir, synthetic
+from uniir_lite.data import mbeir
 from uniir_lite.data.validate import validate_dir
 from uniir_lite.env import environment
 from uniir_lite.evaluation import average, evaluate, load_pairs
 from uniir_lite.metrics import paper_table
-from uniir_lite.viz import MODALITY_COLORS, image_grid, save_figure, use_style
+from uniir_lite.viz import MODALITY_COLORS, image_grid, save_figure
 
-cfg = uniir_lite.setup(
-    PROFILE, SEED=SEED, DEVICE=DEVICE, DATA_DIR=DATA_DIR, OUT_DIR=OUT_DIR, FIG_DIR=FIG_DIR,
-    DATA_SIZE=DATA_SIZE, EMBED_DIM=EMBED_DIM,
-)
-use_style()
+cfg = uniir_lite.setup(globals())  # profile + knobs, seed, device, plot style, data
 
 # %% [markdown]
 # ## 1. Environment check
@@ -187,11 +185,12 @@ print("hash_did('9:2') =", mbeir.hash_did("9:2"), "  unhash ->", mbeir.unhash_di
 # and roles (a news-like caption set, a COCO-like set with five captions per image, a fine-grained
 # fashion set, ...), so every loader, metric and table of the kit works on both.
 #
-# It is deterministic: the same seed gives byte-identical files. The call below writes it once and
-# returns at once on later runs.
+# It is deterministic: the same seed gives byte-identical files. The setup cell wrote it (once: later
+# runs find it complete and return at once); `cfg.data_root` is its folder. In the `full` profile the
+# same attribute is the real M-BEIR directory, and a missing download is one message saying what to fetch.
 
 # %%
-root = synthetic.write_benchmark(cfg.data_dir, size=cfg.data_size, seed=cfg.seed)
+root = cfg.data_root  # the synthetic benchmark (tiny, gpu) or M-BEIR (full)
 problems = validate_dir(root)
 print(f"{root}: {len(problems)} problems")
 assert problems == [], problems[:5]
@@ -362,12 +361,7 @@ def embed_candidates(pool):
 # against it with a model of random vectors.
 
 # %%
-from math import comb
-
-
-def chance_recall(d, k):
-    n = len(d.pool)
-    return float(np.mean([1 - comb(n - len(q.pos), k) / comb(n, k) for q in d.queries]))
+from uniir_lite.metrics import chance_recall  # mean over queries of 1 - C(N - P, k) / C(N, k)
 
 
 random_dim = cfg.embed_dim

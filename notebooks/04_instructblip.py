@@ -40,20 +40,20 @@
 # Measured run times per profile are in the README's notebook table.
 
 # %% tags=["parameters"]
-PROFILE = "tiny"
-SEED = None
-DEVICE = None
-DATA_DIR = None
-OUT_DIR = None
-FIG_DIR = None
-DATA_SIZE = None
-MAX_STEPS = None
-BATCH_SIZE = None
-EMBED_DIM = None
-IMAGE_SIZE = None
-NUM_WORKERS = None
-PRECISION = None
-PRETRAINED = None
+PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" or "full" (real weights and M-BEIR)
+SEED = None  # None: the profile's value (so for every knob below)
+DEVICE = None  # "cpu", "cuda" or "auto"
+DATA_DIR = None  # the synthetic benchmark's folder, or M-BEIR's in full
+OUT_DIR = None  # checkpoints and recorded metrics
+FIG_DIR = None  # where figures are saved
+DATA_SIZE = None  # synthetic size ("tiny", "small", "gpu") or "full" (real M-BEIR)
+MAX_STEPS = None  # training steps
+BATCH_SIZE = None  # training batch size
+EMBED_DIM = None  # width of the shared embedding space
+IMAGE_SIZE = None  # image side in pixels
+NUM_WORKERS = None  # data-loader worker processes
+PRECISION = None  # "fp32", or "bf16" (autocast on a GPU)
+PRETRAINED = None  # start from released weights (full) instead of a random init
 
 # %% [markdown]
 # ## Setup
@@ -72,19 +72,13 @@ from PIL import Image
 import uniir_lite
 from uniir_lite import record_metrics
 from uniir_lite.data.images import ImageLoader
-from uniir_lite.data.synthetic import write_benchmark
 from uniir_lite.models import instructblip as ib
 from uniir_lite.models.clip import train_or_load_clip
 from uniir_lite.models.tokenizers import bert_tokenizer
-from uniir_lite.viz import image_grid, save_figure, use_style
+from uniir_lite.viz import image_grid, save_figure
 
-cfg = uniir_lite.setup(
-    PROFILE, SEED=SEED, DEVICE=DEVICE, DATA_DIR=DATA_DIR, OUT_DIR=OUT_DIR, FIG_DIR=FIG_DIR, DATA_SIZE=DATA_SIZE,
-    MAX_STEPS=MAX_STEPS, BATCH_SIZE=BATCH_SIZE, EMBED_DIM=EMBED_DIM, IMAGE_SIZE=IMAGE_SIZE,
-    NUM_WORKERS=NUM_WORKERS, PRECISION=PRECISION, PRETRAINED=PRETRAINED,
-)
-use_style()
-root = write_benchmark(cfg.data_dir, size=cfg.data_size, seed=cfg.seed)
+cfg = uniir_lite.setup(globals())  # profile + knobs, seed, device, plot style, data
+root = cfg.data_root  # the synthetic benchmark (tiny, gpu) or M-BEIR (full)
 
 # %% [markdown]
 # ## 1. The idea

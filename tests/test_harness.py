@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from uniir_lite.data.synthetic import write_benchmark
 from uniir_lite.kit import harness
 from uniir_lite.kit.record import compare_metrics, load_expected, record_metrics
 
@@ -33,6 +34,15 @@ record_metrics("{name}", {{"answer": 21 * FACTOR, "seed": cfg.seed}}, cfg)
 '''
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory):
+    """One synthetic benchmark per test process for the toy notebooks' setup (never the repo's data/,
+    which parallel test processes would write at the same time)."""
+    global DATA_DIR
+    DATA_DIR = str(write_benchmark(tmp_path_factory.mktemp("data") / "tiny", size="tiny", seed=0))
+    return DATA_DIR
+
+
 def make_project(tmp_path: Path, notebooks: dict[str, str], expected: dict) -> Path:
     nb_dir = tmp_path / "notebooks"
     nb_dir.mkdir()
@@ -49,7 +59,8 @@ def run(tmp_path, nb_dir, **kw):
     lines = []
     report = harness.reproduce(
         "tiny", nb_dir=nb_dir, expected=tmp_path / "expected.json", out_dir=tmp_path / "out",
-        timeout_s=kw.pop("timeout_s", 120), echo=lambda *a, **k: lines.append(" ".join(map(str, a))), **kw,
+        timeout_s=kw.pop("timeout_s", 120), echo=lambda *a, **k: lines.append(" ".join(map(str, a))),
+        overrides={"DATA_DIR": DATA_DIR, **kw.pop("overrides", {})}, **kw,
     )
     return report, "\n".join(lines)
 
@@ -90,7 +101,8 @@ def test_cli_exit_code_on_a_miss(tmp_path, monkeypatch):
 
     nb_dir = make_project(tmp_path, {"90_first": "x = 1"}, {"90_first": {"answer": {"value": 0, "tolerance": 1}}})
     monkeypatch.setattr(harness, "notebooks_dir", lambda: nb_dir)
-    argv = ["reproduce", "--expected", str(tmp_path / "expected.json"), "--out-dir", str(tmp_path / "out")]
+    argv = ["reproduce", "--expected", str(tmp_path / "expected.json"), "--out-dir", str(tmp_path / "out"),
+            "--set", f"DATA_DIR={DATA_DIR}"]
     assert cli.main(argv) == 1
     (tmp_path / "expected.json").write_text(json.dumps({"90_first": {"answer": {"value": 42, "tolerance": 0}}}))
     assert cli.main(argv) == 0

@@ -14,6 +14,7 @@ from ir_measures import R, Success, nDCG
 from uniir_lite.data.mbeir import Qrels, read_qrels
 from uniir_lite.metrics import (
     compare_tables,
+    diagonal_recall_at_k,
     evaluate_pairs,
     eval_run_command,
     fractional_recall_at_k,
@@ -328,3 +329,17 @@ def test_eval_run_command_bad_input(tmp_path, capsys) -> None:
     write_run(run, ["9:1"], [_ranked("9:99")], "test")
     assert eval_run_command(str(run), str(qrels), str(pool), as_json=True) == 2
     assert "did 9:99 (qid 9:1) is not in the candidate pool" in capsys.readouterr().err
+
+
+def test_diagonal_recall_at_k_by_hand() -> None:
+    import torch
+
+    # query 0: its candidate 0 ranks 1st; query 1: candidate 1 ranks 2nd; query 2: candidate 2 ranks 3rd.
+    scores = torch.tensor([[0.9, 0.1, 0.0],
+                           [0.8, 0.5, 0.1],
+                           [0.7, 0.6, 0.2]])
+    assert diagonal_recall_at_k(scores, 1) == pytest.approx(1 / 3)
+    assert diagonal_recall_at_k(scores, 2) == pytest.approx(2 / 3)
+    assert diagonal_recall_at_k(scores, 3) == 1.0
+    assert diagonal_recall_at_k(scores, 10) == 1.0  # k past the number of candidates
+    assert diagonal_recall_at_k(scores.numpy(), 2) == pytest.approx(2 / 3)

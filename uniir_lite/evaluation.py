@@ -1,6 +1,6 @@
 """UniIR's evaluation pipeline: embed, search, score, on local pools and on the global pool.
 
-Taught in notebook 09; used from notebook 00 on. A model enters as two functions:
+Used from notebook 00 on. A model enters as two functions:
 - `embed_queries(queries: list[Query]) -> array [n, d]`, queries of one (dataset, task) pair;
 - `embed_candidates(pool: datasets.Dataset) -> array [n, d]`, rows with did, txt, img_path, modality.
 As UniIR does, each local pool is embedded once, and the global pool's embeddings are the

@@ -1,6 +1,6 @@
 """UniIR's training losses: the in-batch contrastive loss (CLIP models) and BLIP's momentum-queue loss.
 
-Taught in notebooks 05 (in-batch) and 08 (across GPUs). Both take L2-normalised query and candidate
+Taught in notebook 05 (in-batch; the gather across GPUs is tested on CPU ranks). Both take L2-normalised query and candidate
 embeddings from a `uniir_lite.fusion.UniIRModel`.
 
 - `inbatch_contrastive_loss`: one-directional (query -> candidate) InfoNCE. Candidates are gathered

@@ -1,6 +1,6 @@
 """Metrics: UniIR's Recall@k, standard IR measures, the modality-error rate and the paper's table.
 
-Taught in notebooks 00 and 09. A run is `{qid: [(did, score), ...]}` with results best first (as
+Taught in notebook 00. A run is `{qid: [(did, score), ...]}` with results best first (as
 `retrieval.read_run` and `retrieval.search_dids` give them); `qrels_rel` is `{qid: {did: relevance}}`
 (as `data.mbeir.read_qrels(...).rel`). Every average is over the queries of the qrels that have at
 least one positive (relevance > 0); a query missing from the run scores 0.
@@ -78,6 +78,38 @@ def recall_at_k(run: Run, qrels_rel: QrelsRel, k: int) -> float:
     return _mean(recall_at_k_per_query(run, qrels_rel, k))
 
 
+def chance_recall(d, k: int | None = None) -> float:
+    """Expected UniIR Recall@k of a random ranking of one loaded pair `d` (from
+    `uniir_lite.evaluation.load_pairs`): the mean over its queries of 1 - C(N - P, k) / C(N, k)
+    for a pool of N candidates of which P are the query's positives. `k` defaults to the pair's
+    paper metric (`d.pair.metric_k`). Taught in notebook 00.
+    """
+    from math import comb
+
+    import numpy as np
+
+    n = len(d.pool)
+    k = d.pair.metric_k if k is None else k
+    if k >= n:  # every candidate is retrieved
+        return 1.0
+    return float(np.mean([1 - comb(n - len(q.pos), k) / comb(n, k) for q in d.queries]))
+
+
+def diagonal_recall_at_k(scores, k: int) -> float:
+    """UniIR's Recall@k of a [n_queries, n_candidates] score matrix (a torch tensor or numpy array)
+    whose positives are on the diagonal: query i's only positive is candidate i.
+
+    Computed through `recall_at_k` on the top-k run, so ties are broken as `scores.topk` breaks them.
+    """
+    import torch
+
+    scores = torch.as_tensor(scores)
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    run = {f"q{i}": [(f"c{j}", float(s)) for j, s in zip(idx.tolist(), val.tolist())]
+           for i, (val, idx) in enumerate(zip(top.values, top.indices))}
+    return recall_at_k(run, {f"q{i}": {f"c{i}": 1} for i in range(scores.shape[0])}, k)
+
+
 # ---------------------------------------------------------------------------------------------
 # Standard measures through an independent library (ir_measures, backend pytrec_eval)
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +118,7 @@ def recall_at_k(run: Run, qrels_rel: QrelsRel, k: int) -> float:
 def ir_measures_per_query(run: Run, qrels_rel: QrelsRel, measure: str) -> dict[str, float]:
     """Per-query values of an ir_measures measure such as "R@5", "nDCG@10" or "Success@5".
 
-    Taught in notebook 09. trec_eval re-sorts a run by score and breaks ties by docid, which
+    trec_eval re-sorts a run by score and breaks ties by docid, which
     could reorder our ranking; we hand it scores n, n-1, ..., 1 taken from our rank order, so it
     sees exactly our ranking.
     """
@@ -106,14 +138,14 @@ def ir_measures_per_query(run: Run, qrels_rel: QrelsRel, measure: str) -> dict[s
 def fractional_recall_at_k(run: Run, qrels_rel: QrelsRel, k: int) -> float:
     """trec_eval's recall.k: |positives in top k| / |positives|, averaged (ir_measures `R@k`).
 
-    Taught in notebook 09. Never above UniIR's Recall@k; lower on multi-positive pairs such as
+    Never above UniIR's Recall@k; lower on multi-positive pairs such as
     MSCOCO image->text (5 captions per image).
     """
     return _mean(ir_measures_per_query(run, qrels_rel, f"R@{k}"))
 
 
 def ndcg_at_k(run: Run, qrels_rel: QrelsRel, k: int) -> float:
-    """nDCG@k (ir_measures `nDCG@k`, trec_eval's ndcg_cut.k), averaged. Taught in notebook 09."""
+    """nDCG@k (ir_measures `nDCG@k`, trec_eval's ndcg_cut.k), averaged."""
     return _mean(ir_measures_per_query(run, qrels_rel, f"nDCG@{k}"))
 
 
@@ -132,7 +164,7 @@ def modality_error_at_k(
 ) -> float:
     """Share of retrieved top-k results whose modality is not the modality the query asks for.
 
-    Taught in notebooks 07 and 09. The paper shows modality errors (e.g. a caption retrieved for a
+    Taught in notebook 07. The paper shows modality errors (e.g. a caption retrieved for a
     text->image query) but reports no such number; this rate is the kit's own definition. The
     wanted modality of a query is that of its positives; if they have several modalities, a
     result is an error when its modality is none of them. The rate is pooled over all retrieved
@@ -164,7 +196,7 @@ def evaluate_pairs(
 ) -> list[dict]:
     """Score a run on each of M-BEIR's 16 (dataset, task) pairs that the qrels hold.
 
-    Taught in notebook 09. A query belongs to the pair given by its qid's dataset prefix ("9:6"
+    A query belongs to the pair given by its qid's dataset prefix ("9:6"
     -> MSCOCO) and its qrels task id, so one qrels file may hold several pairs (as in a global
     evaluation). Returns, in the paper's row order and leaving out pairs without queries:
     `{"dataset", "task_id", "n_queries", "metrics": {"recall@1", "recall@5", "recall@10",
@@ -212,7 +244,7 @@ def evaluate_pairs(
 def paper_table(results: Sequence[Mapping]) -> pd.DataFrame:
     """The paper's table (Tables 2 and 6) from `evaluate_pairs` results, in percent.
 
-    Taught in notebook 09. One row per pair present, in the paper's order, with the paper's
+    One row per pair present, in the paper's order, with the paper's
     metric (Recall@5; Recall@10 for Fashion200K and FashionIQ), then an "Average" row: the plain
     mean over the rows present, as the paper averages its 16 rows. Columns: task (paper number
     and short name, e.g. "1. qt->ci"), dataset, metric, value.
@@ -240,7 +272,7 @@ def paper_table(results: Sequence[Mapping]) -> pd.DataFrame:
 def compare_tables(local: pd.DataFrame, global_: pd.DataFrame) -> pd.DataFrame:
     """Two `paper_table`s side by side: columns task, dataset, metric, local, global, delta.
 
-    Taught in notebook 09. `delta` is global minus local (the cost of the heterogeneous pool);
+    `delta` is global minus local (the cost of the heterogeneous pool);
     rows follow the local table, then any rows only the global one has.
     """
     key = ["task", "dataset", "metric"]
@@ -263,7 +295,7 @@ def compare_tables(local: pd.DataFrame, global_: pd.DataFrame) -> pd.DataFrame:
 def eval_run_command(run: str, qrels: str, pool: str | None, as_json: bool) -> int:
     """`uniir-lite eval-run --run RUN --qrels QRELS [--pool POOL.jsonl] [--json]`.
 
-    Taught in notebook 09. Prints the paper's table (or, with `as_json`, the `evaluate_pairs`
+    Prints the paper's table (or, with `as_json`, the `evaluate_pairs`
     list as JSON). With a pool, adds the modality-error rate. Bad input prints one
     "path:line: message" line on stderr and returns 2.
     """

@@ -1,6 +1,6 @@
 """Exact retrieval: cosine top-k search, TREC run files and embeddings on disk.
 
-Taught in notebook 09 (used from notebook 00 on). UniIR indexes L2-normalised embeddings in a
+Used from notebook 00 on. UniIR indexes L2-normalised embeddings in a
 faiss `Flat` index with inner-product metric, i.e. exact cosine similarity; `search` does the same
 either with faiss (`IndexFlatIP`) or with chunked torch matmuls that never hold the full
 [n_queries, n_candidates] score matrix, so a 5.6M-candidate pool streams through a GPU (or CPU).
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from uniir_lite.data.mbeir import MBEIRFormatError
+from uniir_lite.data.mbeir import MBEIRFormatError, _decoded_lines
 from uniir_lite.io import atomic_open
 
 PathLike = str | os.PathLike[str]
@@ -299,7 +299,7 @@ def search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-k: for each query the k candidates with the largest inner product.
 
-    Taught in notebook 09. Both inputs are L2-normalised here (in float32), so raw, unnormalised
+    Both inputs are L2-normalised here (in float32), so raw, unnormalised
     embeddings (e.g. UniIR's summed score-fusion embeddings) and fp16 shards can be passed as they
     are, as numpy arrays or torch tensors. Returns numpy `(scores, idx)`, both
     [n_queries, min(k, n_candidates)], float32 and int64, each row best first; equal scores are
@@ -356,7 +356,7 @@ def search_dids(
 ) -> list[Ranked]:
     """`search`, with row indices mapped back to candidate dids: one [(did, score), ...] per query.
 
-    Taught in notebook 09. `search_kwargs` go to `search` (backend, chunk_size, device, dtype).
+    `search_kwargs` go to `search` (backend, chunk_size, device, dtype).
     """
     if len(c_dids) != c_emb.shape[0]:
         raise ValueError(f"{len(c_dids)} dids for {c_emb.shape[0]} candidate embeddings")
@@ -387,7 +387,7 @@ def write_run(
 ) -> None:
     """Write a TREC run file, one line per result: `qid Q0 did rank score run_id [task_id]`.
 
-    Taught in notebook 09. `ranked[i]` holds query `qids[i]`'s (did, score) results, best first;
+    `ranked[i]` holds query `qids[i]`'s (did, score) results, best first;
     ranks are 1-based. With `task_ids` (one per query) each line ends with UniIR's extra task-id
     column; standard TREC readers (ir_measures' among them) expect the 6-column form, so leave
     `task_ids` out for files other tools read. The file is written atomically.
@@ -407,28 +407,16 @@ def write_run(
                 f.write(f"{qid} Q0 {did} {rank} {float(score):.9g} {run_id}{task_col}\n")
 
 
-def _decoded_lines(path: PathLike) -> Iterator[str]:
-    """The lines of a text file; bytes that are not UTF-8 give "path:line: not valid UTF-8"."""
-    # Decoding line by line (not through a text-mode file, which decodes ahead in blocks)
-    # keeps the line number of a bad byte exact.
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise MBEIRFormatError(path, line_no, f"not valid UTF-8: {e.reason}") from None
-
-
 def read_run(path: PathLike) -> dict[str, Ranked]:
     """Read a TREC run file (6 columns, or 7 with UniIR's task id) into {qid: [(did, score), ...]}.
 
-    Taught in notebook 09. Each list is sorted by the file's rank column. A malformed line, a
+    Each list is sorted by the file's rank column. A malformed line, a
     repeated rank or a did listed twice for one query raises `MBEIRFormatError` ("path:line: ...").
     """
     rows: dict[str, list[tuple[int, str, float]]] = {}
     seen: dict[tuple[str, str], int] = {}
     ranks: dict[tuple[str, int], int] = {}
-    for line_no, line in enumerate(_decoded_lines(path), start=1):
+    for line_no, line in _decoded_lines(path):
         parts = line.split()
         if not parts:
             continue
@@ -482,7 +470,7 @@ def ids_path(path: PathLike) -> Path:
 def save_embeddings(path: PathLike, emb: Embeddings, ids: Sequence[str]) -> None:
     """Save embeddings as an fp16 `.npy` ([n, embed_dim], as UniIR's embedder) and their ids.
 
-    Taught in notebook 09. The ids (qids or dids, one per row) go to `ids_path(path)`, one a line.
+    The ids (qids or dids, one per row) go to `ids_path(path)`, one a line.
     Both files are written atomically.
     """
     path = Path(path)
@@ -505,7 +493,7 @@ def save_embeddings(path: PathLike, emb: Embeddings, ids: Sequence[str]) -> None
 def load_embeddings(path: PathLike, mmap: bool = False) -> tuple[np.ndarray, list[str]]:
     """Load what `save_embeddings` wrote: (fp16 [n, embed_dim] array, n ids).
 
-    Taught in notebook 09. `mmap=True` memory-maps the array, so a large pool is read lazily by
+    `mmap=True` memory-maps the array, so a large pool is read lazily by
     `search` chunk by chunk.
     """
     path = Path(path)

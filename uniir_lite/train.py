@@ -84,12 +84,14 @@ def _forever(batches: Iterable) -> Iterator:
 
 
 def _batch_size(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (dict values in any order)."""
     if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        return _batch_size(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):
-        return _batch_size(batch[0])
+        return batch.shape[0] if batch.dim() else 0
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        n = _batch_size(value)
+        if n:
+            return n
     return 0
 
 
@@ -99,9 +101,11 @@ def fit(
     batches: Iterable,
     cfg: TrainConfig,
     device: torch.device | str = "cpu",
+    batch_size: int | None = None,
 ) -> pd.DataFrame:
     """Train for `cfg.max_steps` steps; returns the log (step, lr, loss and whatever `loss_fn` adds,
-    averaged over each `log_every` window, plus samples/s)."""
+    averaged over each `log_every` window, plus samples/s). Samples/s counts `batch_size` samples a
+    step when given, else the first dimension of the batch's first tensor."""
     device = torch.device(device)
     model.to(device).train()
     # fused: one kernel over all parameters (CPU and CUDA); its rounding differs slightly from the loop
@@ -127,7 +131,7 @@ def fit(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        samples += _batch_size(batch)
+        samples += batch_size if batch_size is not None else _batch_size(batch)
         for name, value in out.items():
             window.setdefault(name, []).append(float(value.detach() if isinstance(value, torch.Tensor) else value))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:

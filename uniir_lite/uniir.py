@@ -1,6 +1,6 @@
 """UniIR's recipe: multi-task (instruction) training on the M-BEIR union file, and evaluation functions.
 
-Taught in notebook 05 (and used by 06-11). A model is any `uniir_lite.fusion.UniIRModel`:
+Taught in notebook 05 (and used by 06 and 07). A model is any `uniir_lite.fusion.UniIRModel`:
 
 - `train_uniir(model, cfg, root, instructions, policy, ...)` trains it in place on
   `query/union_train/mbeir_union_up_train.jsonl` with the train pool
@@ -126,7 +126,7 @@ def training_batches(model: UniIRModel, cfg: Config, root: str | Path, recipe: U
     while True:
         dataset.set_epoch(epoch)  # workers are started per epoch, so they see the new epoch
         for batch in loader:
-            yield {"task_id": batch["task_id"], **batch}  # a tensor first: the trainer counts samples
+            yield batch
         epoch += 1
 
 
@@ -328,17 +328,11 @@ def evaluate_uniir(model: UniIRModel, cfg: Config, root: str | Path, data, instr
 
 def chance_level(data) -> dict[str, float]:
     """Expected paper metric (Recall@5, or @10 for the fashion sets) of a random ranking, per pair:
-    the mean over queries of 1 - C(N - P, k) / C(N, k) for a local pool of N with P positives."""
-    from math import comb
+    the mean over queries of 1 - C(N - P, k) / C(N, k) for a local pool of N with P positives
+    (`uniir_lite.metrics.chance_recall`)."""
+    from uniir_lite.metrics import chance_recall
 
-    out = {}
-    for d in data:
-        n, k = len(d.pool), d.pair.metric_k
-        if k >= n:  # every candidate is retrieved
-            out[d.pair.name] = 1.0
-            continue
-        out[d.pair.name] = float(np.mean([1 - comb(n - len(q.pos), k) / comb(n, k) for q in d.queries]))
-    return out
+    return {d.pair.name: chance_recall(d) for d in data}
 
 
 __all__ = ["UniIRRecipe", "chance_level", "checkpoint_path", "collator", "embed_dataset", "embed_fns", "evaluate_uniir",

@@ -384,7 +384,7 @@ def _add_judgement(qrels: Qrels, first_line: dict[str, int], line_no: int,
 def read_qrels(path: PathLike) -> Qrels:
     """Read UniIR's 5-column qrels (`qid 0 did 1 task_id`) or standard 4-column TREC qrels.
 
-    Taught in notebook 09. 4-column lines carry no task, so their queries are left out of `task`.
+    Used by `uniir-lite eval-run`. 4-column lines carry no task, so their queries are left out of `task`.
     """
     qrels = Qrels(rel={}, task={})
     first_line: dict[str, int] = {}

@@ -1,6 +1,6 @@
 """Torch datasets and the collator that turn M-BEIR records into model batches.
 
-Taught in notebooks 05 and 08. No model code lives here: the caller passes the tokenizer and the
+Taught in notebook 05. No model code lives here: the caller passes the tokenizer and the
 image loader of its towers, so CPU and GPU runs, tiny and real towers, share the same batches.
 Image paths in the records are relative to the M-BEIR root; the datasets resolve them against
 `root`, and the collator raises a clear error for an image that is not there.

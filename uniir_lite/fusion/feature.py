@@ -35,6 +35,7 @@ from torch import nn
 
 from uniir_lite.config import Config
 from uniir_lite.fusion import Side, UniIRModel
+from uniir_lite.models.clip import MAX_LOGIT_SCALE
 
 # UniIR's learning rates (inbatch.yaml): towers 1e-5, CLIP_FF's T5 mixer 5e-4, i.e. 50x.
 UNIIR_LR, UNIIR_T5_LR = 1e-5, 5e-4
@@ -45,7 +46,6 @@ TINY_T5_LR_MULTIPLIER = 1.0
 # BLIP_FF's momentum encoder in `tiny`: UniIR's 0.995 barely moves it in a run of tens of steps.
 TINY_MOMENTUM = 0.9
 T5_LAYERS = 2
-MAX_LOGIT_SCALE = 100.0  # CLIP's ceiling on the learned scale (temperature 0.01)
 BLIP_INIT_TEMP = 0.07  # BLIP's (and UniIR BLIP_FF's) initial temperature
 BLIP_FF_MAX_LEN = 64  # tokens of an instructed query (UniIR BLIP: 100; the tiny text tower has 64 positions)
 

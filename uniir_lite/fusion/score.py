@@ -27,10 +27,10 @@ from torch import nn
 
 from uniir_lite.config import Config
 from uniir_lite.fusion import Side, UniIRModel
+from uniir_lite.models.clip import MAX_LOGIT_SCALE
 
 TERMS = ("q_img·c_img", "q_img·c_txt", "q_txt·c_img", "q_txt·c_txt")  # the order of `score_terms`
 BLIP_SF_MAX_LEN = 64  # tokens; instructed queries are longer than captions (UniIR BLIP: 100)
-MAX_LOGIT_SCALE = 100.0  # CLIP's ceiling on the learned scale (temperature 0.01)
 
 
 def score_fusion(img_emb: torch.Tensor, txt_emb: torch.Tensor, img_mask: torch.Tensor, txt_mask: torch.Tensor,

@@ -520,40 +520,8 @@ def itm_match_logits(model: BlipMED, data: CaptionData, image_embeds: torch.Tens
     return torch.cat(logits).view(n, k).cpu().numpy()
 
 
-def _attribute_words() -> dict[str, str]:
-    """Word -> attribute (colour, shape or garment) of the synthetic captions, synonyms included."""
-    from uniir_lite.data.synthetic_content import COLOURS, GARMENTS, SHAPE_SYNONYMS, plural
-
-    words = {c: c for c in COLOURS}
-    for shape, names in SHAPE_SYNONYMS.items():
-        for name in names:
-            words[name] = words[plural(name, 2)] = shape
-    for g in GARMENTS:
-        words[g] = g
-    return words
-
-
-ATTRIBUTE_WORDS = _attribute_words()
-
-
-def attributes_of(src_content: str) -> set[str]:
-    """Colours and shapes (or garment kind) of an image, from its `src_content` JSON."""
-    info = json.loads(src_content)
-    if "groups" in info:
-        return {g["colour"] for g in info["groups"]} | {g["shape"] for g in info["groups"]}
-    return {info["colour"], info["kind"]}
-
-
-def attributes_named(text: str) -> set[str]:
-    """The colours and shapes a text names (synonyms mapped to the shape: "rhombuses" -> diamond)."""
-    return {ATTRIBUTE_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in ATTRIBUTE_WORDS}
-
-
-def attribute_f1(text: str, src_content: str) -> float:
-    """F1 between the attributes a caption names and those the image has (0 if it names none)."""
-    named, true = attributes_named(text), attributes_of(src_content)
-    hit = len(named & true)
-    return 2 * hit / (len(named) + len(true)) if named else 0.0
+# Caption grading lives in `uniir_lite.models.captions` (shared with BLIP-2); re-exported here.
+from uniir_lite.models.captions import ATTRIBUTE_WORDS, attribute_f1, attributes_named, attributes_of  # noqa: E402,F401
 
 
 def corrupt_caption(caption: str, rng: np.random.Generator, other_captions: Sequence[str], kind: str) -> str:

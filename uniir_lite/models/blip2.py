@@ -637,13 +637,10 @@ def captioner_loss_fn(model: Blip2Captioner, batch: dict[str, torch.Tensor]) -> 
 
 def recall_at_k_from_scores(scores: torch.Tensor, k: int) -> float:
     """UniIR's Recall@k (a hit rate) of a [n_queries, n_candidates] score matrix whose positives are
-    on the diagonal, through `uniir_lite.metrics.recall_at_k`."""
-    from uniir_lite.metrics import recall_at_k
+    on the diagonal: `uniir_lite.metrics.diagonal_recall_at_k`."""
+    from uniir_lite.metrics import diagonal_recall_at_k
 
-    top = scores.topk(min(k, scores.shape[1]), dim=1)
-    run = {f"q{i}": [(f"c{j}", float(s)) for j, s in zip(idx.tolist(), val.tolist())]
-           for i, (val, idx) in enumerate(zip(top.values, top.indices))}
-    return recall_at_k(run, {f"q{i}": {f"c{i}": 1} for i in range(scores.shape[0])}, k)
+    return diagonal_recall_at_k(scores, k)
 
 
 def colour_word_accuracy(logits: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor,
@@ -664,7 +661,7 @@ def colour_word_accuracy(logits: torch.Tensor, input_ids: torch.Tensor, text_mas
 
 
 @torch.no_grad()
-def retrieval_scores(model: Blip2Stage1, data: "CaptionData") -> torch.Tensor:
+def retrieval_scores(model: Blip2Stage1, data: "QFormerCaptionData") -> torch.Tensor:
     """[n_images, n_images] ITC scores of every image against the first caption of every image
     (max over queries); the positives are on the diagonal."""
     model.eval()
@@ -675,7 +672,7 @@ def retrieval_scores(model: Blip2Stage1, data: "CaptionData") -> torch.Tensor:
 
 
 @torch.no_grad()
-def itm_accuracy(model: Blip2Stage1, data: "CaptionData", negatives: str = "random", seed: int = 0) -> float:
+def itm_accuracy(model: Blip2Stage1, data: "QFormerCaptionData", negatives: str = "random", seed: int = 0) -> float:
     """Accuracy of the ITM head on every image with its first caption (a match) and with one other
     image's caption (no match): a random one, or the one ITC ranks highest ("hard"). Chance is 0.5."""
     model.eval()
@@ -693,7 +690,7 @@ def itm_accuracy(model: Blip2Stage1, data: "CaptionData", negatives: str = "rand
 
 
 @torch.no_grad()
-def caption_metrics(model: "Blip2Captioner", data: "CaptionData", tokenizer: CaptionTokenizer, max_new_tokens: int = 30) -> dict[str, Any]:
+def caption_metrics(model: "Blip2Captioner", data: "QFormerCaptionData", tokenizer: CaptionTokenizer, max_new_tokens: int = 30) -> dict[str, Any]:
     """Stage 2 on every image with its first caption: caption LM loss (teacher forced), colour-word
     accuracy (`colour_word_accuracy`), and greedy captions with their attribute accuracy."""
     model.eval()
@@ -721,38 +718,8 @@ def colour_word_chance(input_ids: torch.Tensor, text_mask: torch.Tensor, src_con
     return sum(shares) / max(1, len(shares))
 
 
-def _attribute_words() -> tuple[dict[str, str], dict[str, str]]:
-    """(colour word -> colour, object word -> object kind) with synonyms and plurals."""
-    from uniir_lite.data.synthetic_content import COLOURS, GARMENTS, SHAPE_SYNONYMS
-
-    colours = {c: c for c in COLOURS}
-    objects = {}
-    for shape, names in SHAPE_SYNONYMS.items():
-        for name in names:
-            plural = name + "es" if name.endswith(("s", "sh", "ch", "x")) else name + "s"
-            objects.update({name: shape, plural: shape})
-    objects.update({g: g for g in GARMENTS})
-    objects.update({g + "s": g for g in GARMENTS if not g.endswith("s")})
-    return colours, objects
-
-
-def image_attributes(src_content: str) -> tuple[set[str], set[str]]:
-    """(colours, object kinds) an image shows, from its `src_content` (a scene or a garment)."""
-    attrs = json.loads(src_content)
-    if "groups" in attrs:
-        return {g["colour"] for g in attrs["groups"]}, {g["shape"] for g in attrs["groups"]}
-    return {attrs["colour"]}, {attrs["kind"]}
-
-
-def attribute_accuracy(caption: str, src_content: str) -> float:
-    """Mean of two hits: the caption's first colour word is a colour of the image, and its first shape
-    (or garment) word is an object of the image. A caption naming none scores 0 on that half."""
-    colour_words, object_words = _attribute_words()
-    words = caption.lower().replace(",", " ").replace(".", " ").split()
-    colours, objects = image_attributes(src_content)
-    first_colour = next((colour_words[w] for w in words if w in colour_words), None)
-    first_object = next((object_words[w] for w in words if w in object_words), None)
-    return ((first_colour in colours) + (first_object in objects)) / 2
+# Caption grading lives in `uniir_lite.models.captions` (shared with BLIP); re-exported here.
+from uniir_lite.models.captions import attribute_accuracy, image_attributes  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -819,7 +786,7 @@ class PairBatches:
 
 
 @dataclasses.dataclass
-class CaptionData:
+class QFormerCaptionData:
     """The image-caption pairs of a split, ready for the Q-Former: unique images with their frozen
     token features, every caption tokenised, and which captions belong to which image."""
 
@@ -845,8 +812,8 @@ class CaptionData:
         return PairBatches(self.image_embeds, self.caption_rows(), self.input_ids, self.text_mask, batch_size, seed)
 
 
-def caption_data(root: str | Path, split: str, tokenizer: CaptionTokenizer, encoder: FrozenImageEncoder, image_size: int) -> CaptionData:
-    """`CaptionData` of `split` from `uniir_lite.data.pairs.image_caption_pairs`."""
+def caption_data(root: str | Path, split: str, tokenizer: CaptionTokenizer, encoder: FrozenImageEncoder, image_size: int) -> QFormerCaptionData:
+    """`QFormerCaptionData` of `split` from `uniir_lite.data.pairs.image_caption_pairs`."""
     from uniir_lite.data.images import ImageLoader
     from uniir_lite.data.pairs import image_caption_pairs
 
@@ -856,7 +823,7 @@ def caption_data(root: str | Path, split: str, tokenizer: CaptionTokenizer, enco
     src = {p.img_path: p.src_content for p in pairs}
     input_ids, text_mask = tokenizer([p.caption for p in pairs])
     image_embeds = encoder.encode_paths(ImageLoader(root, image_size), img_paths)
-    return CaptionData(img_paths, image_embeds, [p.caption for p in pairs], input_ids, text_mask,
+    return QFormerCaptionData(img_paths, image_embeds, [p.caption for p in pairs], input_ids, text_mask,
                        [row[p.img_path] for p in pairs], [src[p] for p in img_paths])
 
 
@@ -892,7 +859,7 @@ def init_stage1(cfg: Config, tokenizer: CaptionTokenizer, encoder_width: int) ->
     return Blip2Stage1(recipe.qformer_config(tokenizer.vocab_size, encoder_width)).to(cfg.device)
 
 
-def train_or_load_qformer(cfg: Config, root: str | Path, data: CaptionData | None = None,
+def train_or_load_qformer(cfg: Config, root: str | Path, data: QFormerCaptionData | None = None,
                           tokenizer: CaptionTokenizer | None = None, progress: bool = False):
     """(stage-1 model in eval mode, tokenizer): loads `cfg.checkpoint_dir/03_blip2_qformer/stage1` when
     it holds a model of the same recipe and vocabulary, else trains one with ITC + ITM + ITG on the
@@ -993,7 +960,7 @@ def new_captioner(stage1: Blip2Stage1, lm: nn.Module, seed: int) -> Blip2Caption
 
 
 def train_or_load_captioner(cfg: Config, root: str | Path, stage1: Blip2Stage1, lm: nn.Module,
-                            data: CaptionData | None = None, tokenizer: CaptionTokenizer | None = None,
+                            data: QFormerCaptionData | None = None, tokenizer: CaptionTokenizer | None = None,
                             progress: bool = False) -> Blip2Captioner:
     """Stage 2: loaded from `.../03_blip2_qformer/stage2`, or trained from `new_captioner(stage1, lm)` with
     the caption LM loss (only the Q-Former and the projection learn) and saved there. Eval mode."""

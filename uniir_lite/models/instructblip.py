@@ -33,6 +33,7 @@ from torch import nn
 
 from uniir_lite.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
 from uniir_lite.config import Config
+from uniir_lite.data.synthetic_content import BACKGROUNDS, CELLS, COLOURS, OBJECT_SIZES, PATTERNS, SHAPES
 
 CHECKPOINT_NAME = "04_instructblip"
 PRETRAINED_NAME = "Salesforce/instructblip-flan-t5-xl"  # or "Salesforce/instructblip-vicuna-7b"
@@ -56,8 +57,9 @@ class QuestionTask:
     refers: bool
 
 
-_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown")
-_SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
+# The answer vocabularies are the ones the synthetic images are drawn from (same order).
+_COLOURS = tuple(COLOURS)
+_SHAPES = SHAPES
 
 TASKS: dict[str, QuestionTask] = {t.name: t for t in (
     QuestionTask("colour", _COLOURS, (
@@ -72,25 +74,25 @@ TASKS: dict[str, QuestionTask] = {t.name: t for t in (
         "Name the shape of the {colour} thing.",
         "The {colour} object has what shape?",
     ), held_in=True, refers=True),
-    QuestionTask("pattern", ("plain", "striped", "dotted"), (
+    QuestionTask("pattern", PATTERNS, (
         "What pattern does the {colour} {shape} have?",
         "Is the {colour} {shape} plain, striped or dotted?",
         "Describe the texture of the {colour} {shape}.",
         "How is the {colour} {shape} filled?",
     ), held_in=True, refers=True),
-    QuestionTask("background", ("snow", "wall", "sky", "grass", "sand", "night"), (
+    QuestionTask("background", tuple(BACKGROUNDS), (
         "What is the background of the picture?",
         "Where was this picture taken?",
         "What is behind the shapes?",
         "Name the setting of this image.",
     ), held_in=True, refers=False),
-    QuestionTask("position", ("top left", "top right", "bottom left", "bottom right", "centre"), (
+    QuestionTask("position", tuple(CELLS), (
         "Where is the {colour} {shape}?",
         "In which part of the image is the {colour} {shape}?",
         "Locate the {colour} {shape}.",
         "Where in the picture do you see the {colour} {shape}?",
     ), held_in=False, refers=True),
-    QuestionTask("size", ("small", "medium", "large"), (
+    QuestionTask("size", tuple(OBJECT_SIZES), (
         "How big is the {colour} {shape}?",
         "Is the {colour} {shape} small, medium or large?",
         "What size is the {colour} {shape}?",
