@@ -1,7 +1,7 @@
 """Saving and loading the kit's own models: safetensors weights + a JSON config, written atomically.
 
-Never pickles: a checkpoint of the kit cannot run code when loaded. (Importing the released UniIR
-`.pth` files, which are pickles, is a separate, allow-listed path.) Taught in notebook 01.
+Never pickles: a checkpoint of the kit cannot run code when loaded. (The released UniIR `.pth`
+files are pickles; nothing in the kit reads them yet.) Taught in notebook 01.
 """
 
 from __future__ import annotations
