@@ -24,7 +24,7 @@ FACTOR = 2.0
 
 # %%
 from uniir_lite import setup, record_metrics
-cfg = setup(PROFILE, SEED=SEED, DEVICE=DEVICE, DATA_DIR=DATA_DIR, OUT_DIR=OUT_DIR)
+cfg = setup(globals())
 
 # %%
 {body}

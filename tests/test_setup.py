@@ -3,7 +3,7 @@
 import pytest
 
 import uniir_lite
-from uniir_lite.config import parse_overrides
+from uniir_lite.config import load_profile, parse_overrides
 from uniir_lite.data.sources import MissingData, require_mbeir
 from uniir_lite.data.synthetic import write_benchmark
 
@@ -13,7 +13,7 @@ def test_setup_reads_the_knobs_from_globals(tmp_path):
                 "FIG_DIR": str(tmp_path / "fig"), "unrelated": 1}
     cfg = uniir_lite.setup(notebook)
     assert cfg.profile == "tiny" and cfg.seed == 3 and cfg.device == "cpu"
-    assert cfg.max_steps == 300  # None or absent: the profile's value (profiles/tiny.yaml)
+    assert cfg.max_steps == load_profile("tiny")["MAX_STEPS"]  # absent: the profile's value
     assert (cfg.data_root / "instructions" / "query_instructions.tsv").is_file()  # the synthetic benchmark
     assert (tmp_path / "out" / "metrics").is_dir()
 

@@ -2,7 +2,7 @@
 recipe and beside the hardware's matmul rate, in one run on one device.
 
 `benchmarks/run.py` (and `make bench`) calls `run_all` and writes `benchmarks/results/<device>.json`;
-`uniir_lite.kit.readme` renders the README's performance table from those files. Every result is
+`uniir_lite.kit.readme` renders the performance tables of benchmarks/README.md from those files. Every result is
 `{name, unit, better, kit, uniir_recipe, limit, ratio_vs_recipe, fraction_of_limit, note, details}`:
 
 - `kit`: the kit's default path, called through the kit's own code (`encode_image`/`encode_text`

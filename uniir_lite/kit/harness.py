@@ -118,24 +118,31 @@ def _kernel_env() -> dict[str, str]:
     return env
 
 
-def describe_failure(output: Path) -> str | None:
-    """Which cell raised, and what: read from the executed notebook papermill wrote."""
+def first_error(output: Path) -> tuple[int, Any, dict] | None:
+    """(code cell number, cell, error output) of the first cell that raised in an executed notebook;
+    cells are numbered as a reader counts them (papermill's injected cell left out)."""
     import nbformat
 
     try:
         nb = nbformat.read(output, as_version=4)
     except (OSError, ValueError):
         return None
-    code_index = 0
-    for cell in nb.cells:
-        if cell.cell_type != "code" or "injected-parameters" in cell.metadata.get("tags", []):
-            continue
-        code_index += 1
+    code = [c for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+    for index, cell in enumerate(code, 1):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
-                first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
-                return f"code cell {code_index}: {out.get('ename')}: {out.get('evalue')}\n    > {first.strip()}"
+                return index, cell, out
     return None
+
+
+def describe_failure(output: Path) -> str | None:
+    """Which cell raised, and what: read from the executed notebook papermill wrote."""
+    found = first_error(output)
+    if found is None:
+        return None
+    index, cell, out = found
+    first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
+    return f"code cell {index}: {out.get('ename')}: {out.get('evalue')}\n    > {first.strip()}"
 
 
 def figure_problem(output: Path) -> str | None:
@@ -149,21 +156,6 @@ def figure_problem(output: Path) -> str | None:
     images = sum("image/png" in out.get("data", {}) for c in code for out in c.get("outputs", []))
     if draws and images == 0:
         return f"{output.name}: the code draws figures but the executed notebook holds no image output"
-    return None
-
-
-def missing_data_message(output: Path) -> str | None:
-    """The message of a `MissingData` error raised by a notebook's setup (what to fetch and how)."""
-    import nbformat
-
-    try:
-        nb = nbformat.read(output, as_version=4)
-    except (OSError, ValueError):
-        return None
-    for cell in nb.cells:
-        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
-            if out.get("output_type") == "error" and out.get("ename") == "MissingData":
-                return out.get("evalue")
     return None
 
 
@@ -192,9 +184,9 @@ def run_notebook(
     seconds = time.perf_counter() - start
     if code == 0:
         return ("error", seconds, problem) if (problem := figure_problem(output)) else ("ok", seconds, None)
-    missing = missing_data_message(output) if output.is_file() else None
-    if missing:
-        return "missing-data", seconds, missing
+    found = first_error(output) if output.is_file() else None
+    if found and found[2].get("ename") == "MissingData":  # the message says what to fetch, and how
+        return "missing-data", seconds, found[2].get("evalue")
     error = describe_failure(output) if output.is_file() else None
     log_text = log.read_text()
     if error is None:
