@@ -128,3 +128,11 @@ def test_offline_tokenizers_have_their_real_vocabularies():
     assert bert.vocab_size == BERT_VOCAB_SIZE
     ids = bert("a red circle")["input_ids"]
     assert bert.unk_token_id not in ids and len(ids) == 5
+
+
+def test_samples_are_counted_from_the_first_tensor_whatever_the_dict_order():
+    from uniir_lite.train import _batch_size
+
+    assert _batch_size({"name": "x", "query": {"txt": torch.zeros(4, 7)}, "task_id": torch.zeros(4)}) == 4
+    assert _batch_size({"temperature": torch.tensor(0.07), "img": torch.zeros(6, 3)}) == 6  # a 0-d tensor is skipped
+    assert _batch_size([None, (torch.zeros(5, 2),)]) == 5

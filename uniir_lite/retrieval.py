@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from uniir_lite.data.mbeir import MBEIRFormatError, _decoded_lines
+from uniir_lite.data.mbeir import MBEIRFormatError, decoded_lines
 from uniir_lite.io import atomic_open
 
 PathLike = str | os.PathLike[str]
@@ -416,7 +416,7 @@ def read_run(path: PathLike) -> dict[str, Ranked]:
     rows: dict[str, list[tuple[int, str, float]]] = {}
     seen: dict[tuple[str, str], int] = {}
     ranks: dict[tuple[str, int], int] = {}
-    for line_no, line in _decoded_lines(path):
+    for line_no, line in decoded_lines(path):
         parts = line.split()
         if not parts:
             continue

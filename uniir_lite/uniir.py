@@ -211,7 +211,8 @@ def train_uniir(
     loss_fn = loss_function(model, recipe, cfg.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        log = fit(model, loss_fn, training_batches(model, cfg, root, recipe), train_cfg, cfg.device)
+        log = fit(model, loss_fn, training_batches(model, cfg, root, recipe), train_cfg, cfg.device,
+                  batch_size=recipe.batch_size)
     if directory:
         save_checkpoint(directory, model, {"recipe": recipe_dict, "complete": True,
                                            "log": log.to_dict(orient="records")})

@@ -294,7 +294,7 @@ def _iter_json_lines(path: PathLike) -> Iterator[tuple[int, dict | None, str | N
             yield line_no, record, None
 
 
-def _decoded_lines(path: PathLike) -> Iterator[tuple[int, str]]:
+def decoded_lines(path: PathLike) -> Iterator[tuple[int, str]]:
     """(line number, text) of every line of a small UTF-8 text file; bad bytes name their line."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -655,7 +655,7 @@ def read_instructions(path: PathLike) -> dict[InstructionKey, list[str]]:
     """
     table: dict[InstructionKey, list[str]] = {}
     key_line: dict[InstructionKey, int] = {}
-    for line_no, line in _decoded_lines(path):
+    for line_no, line in decoded_lines(path):
         if line_no == 1:
             header = line.strip().split("\t")
             if header[:2] != ["query_modality", "cand_modality"] or header[3:4] != ["dataset_id"]:
