@@ -20,3 +20,17 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         write_json_atomic(path, {"a": object()})
     assert path.read_text() == '{\n  "a": 1\n}\n'
     assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_atomic_file_appears_only_when_committed(tmp_path):
+    from uniir_lite.io import AtomicFile
+
+    kept, dropped = AtomicFile(tmp_path / "kept.jsonl"), AtomicFile(tmp_path / "dropped.jsonl")
+    for f in (kept, dropped):
+        f.writeline('{"a": 1}')
+        f.writeline('{"a": 2}')
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []  # nothing visible yet
+    kept.commit()
+    dropped.discard()
+    assert kept.lines == 2 and (tmp_path / "kept.jsonl").read_text() == '{"a": 1}\n{"a": 2}\n'
+    assert os.listdir(tmp_path) == ["kept.jsonl"]

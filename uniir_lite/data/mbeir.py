@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from uniir_lite.io import write_text_atomic
+from uniir_lite.io import AtomicFile, write_text_atomic
 
 if TYPE_CHECKING:
     import datasets
@@ -595,12 +594,11 @@ def read_pool(path: PathLike, cache_dir: PathLike | None = None) -> datasets.Dat
     if not arrow_file.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         schema = pa.schema([(name, pa.string()) for name in POOL_COLUMNS])
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{arrow_file.name}.", suffix=".tmp")
-        os.close(fd)
+        out = AtomicFile(arrow_file, "wb")
         try:
             hashed = array("q")  # hash_did of every row, for the duplicate check
             lines = array("q")
-            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            with pa.ipc.new_stream(out.file, schema) as writer:
                 batch: dict[str, list] = {name: [] for name in POOL_COLUMNS}
                 for line_no, record in iter_jsonl(path):
                     try:
@@ -623,10 +621,10 @@ def read_pool(path: PathLike, cache_dir: PathLike | None = None) -> datasets.Dat
                 raise MBEIRFormatError(
                     path, again, f"duplicate did {unhash_did(key)!r} (first on line {first})"
                 )
-            os.replace(tmp, arrow_file)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            out.discard()
             raise
+        out.commit()
     return datasets.Dataset.from_file(str(arrow_file))
 
 

@@ -13,7 +13,6 @@ training on some datasets partly transfers to held-out ones.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -25,7 +24,7 @@ from typing import TypeVar
 import numpy as np
 
 from uniir_lite.data import synthetic_content as c
-from uniir_lite.io import write_text_atomic
+from uniir_lite.io import AtomicFile, atomic_open, write_text_atomic
 from uniir_lite.data.mbeir import (
     DATASET_IDS, DATASET_NAMES, DATASET_STEMS, EVAL_PAIRS, TASKS, PathLike,
     global_pool_path, instructions_path, local_pool_path, qrels_path, query_path, union_train_path,
@@ -76,29 +75,6 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------------------------
 
 
-class _AtomicFile:
-    """A text file written into a hidden sibling and moved into place only once complete."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        self.file = open(self.tmp, "w", encoding="utf-8", newline="\n")
-        self.lines = 0
-
-    def write(self, line: str) -> None:
-        self.file.write(line + "\n")
-        self.lines += 1
-
-    def commit(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
-
-
 def _modality(txt: str | None, img: str | None) -> str:
     return "image,text" if txt and img else "image" if img else "text"
 
@@ -108,7 +84,7 @@ class _Writer:
 
     def __init__(self, root: Path, size: SynthSize, seed: int, px: int) -> None:
         self.root, self.size, self.seed, self.px = root, size, seed, px
-        self.files: dict[Path, _AtomicFile] = {}
+        self.files: dict[Path, AtomicFile] = {}
         self.lines: dict[str, int] = {}  # relative path -> lines, for the manifest
         self.images = 0
         self._dids: Counter[str] = Counter()
@@ -128,8 +104,8 @@ class _Writer:
 
     def _write(self, path: Path, line: str) -> None:
         if path not in self.files:
-            self.files[path] = _AtomicFile(path)
-        self.files[path].write(line)
+            self.files[path] = AtomicFile(path)
+        self.files[path].writeline(line)
 
     def commit(self, keep: Iterable[Path] = ()) -> None:
         for path in [p for p in self.files if p not in set(keep)]:
@@ -156,9 +132,8 @@ class _Writer:
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(path.parent)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(c.jpeg_bytes(scene, self.px))
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:
+            f.write(c.jpeg_bytes(scene, self.px))
         self.images += 1
         return rel
 
@@ -677,12 +652,12 @@ def _cirr(b: _Writer) -> None:
 
 
 def _concatenate(b: _Writer, dest: Path, sources: Iterable[Path]) -> None:
-    out = _AtomicFile(dest)
+    out = AtomicFile(dest)
     try:
         for source in sources:
             with open(source, encoding="utf-8") as f:
                 for line in f:
-                    out.write(line.rstrip("\n"))
+                    out.writeline(line.rstrip("\n"))
     except BaseException:
         out.discard()
         raise
@@ -709,13 +684,13 @@ def _union_train(b: _Writer) -> dict[str, int]:
     which = np.concatenate([np.full(len(o), k) for k, o in enumerate(offsets)])
     where = np.concatenate(offsets)
     order = np.random.default_rng([b.seed, _UNION_STREAM]).permutation(len(where))
-    out = _AtomicFile(union_train_path(b.root))
+    out = AtomicFile(union_train_path(b.root))
     handles = [open(path, "rb") for path in sources]
     try:
         for k in order:
             f = handles[which[k]]
             f.seek(where[k])
-            out.write(f.readline().decode("utf-8").rstrip("\n"))
+            out.writeline(f.readline().decode("utf-8").rstrip("\n"))
     except BaseException:
         out.discard()
         raise
