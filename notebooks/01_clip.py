@@ -37,20 +37,20 @@
 # Measured run times per profile are in the README's notebook table.
 
 # %% tags=["parameters"]
-PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" or "full" (real weights and M-BEIR)
-SEED = None  # None: the profile's value (so for every knob below)
+PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" (real-size towers, random init) or "full" (OpenAI's CLIP)
+SEED = None  # None: the profile's value (so for every knob below); seeds the initial weights and the batch order
 DEVICE = None  # "cpu", "cuda" or "auto"
-DATA_DIR = None  # the synthetic benchmark's folder, or M-BEIR's in full
-OUT_DIR = None  # checkpoints and recorded metrics
-FIG_DIR = None  # where figures are saved
+DATA_DIR = None  # the synthetic benchmark's folder (its image-caption pairs), or M-BEIR's in full
+OUT_DIR = None  # the trained CLIP (checkpoints/01_clip, reused by notebooks 02-07) and the recorded metrics
+FIG_DIR = None  # where the training, retrieval, zero-shot and temperature figures are saved
 DATA_SIZE = None  # synthetic size ("tiny", "small", "gpu") or "full" (real M-BEIR)
-MAX_STEPS = None  # training steps
-BATCH_SIZE = None  # training batch size
-EMBED_DIM = None  # width of the shared embedding space
-IMAGE_SIZE = None  # image side in pixels
-NUM_WORKERS = None  # data-loader worker processes
-PRECISION = None  # "fp32", or "bf16" (autocast on a GPU)
-PRETRAINED = None  # start from released weights (full) instead of a random init
+MAX_STEPS = None  # the CLIP trains MAX_STEPS // 2 steps in tiny (all otherwise), each temperature run MAX_STEPS // 8
+BATCH_SIZE = None  # pairs per batch: N, so N - 1 in-batch negatives and an untrained loss of about log N
+EMBED_DIM = None  # width of the shared image-text embedding space
+IMAGE_SIZE = None  # image side in pixels (at 32, colours are easy to see and shapes are not)
+NUM_WORKERS = None  # data-loader worker processes for the training batches
+PRECISION = None  # "fp32", or "bf16" (autocast on a GPU) for training
+PRETRAINED = None  # True (full): OpenAI's trained CLIP instead of training a random init here
 
 # %% [markdown]
 # ## Setup
@@ -78,23 +78,19 @@ from uniir_lite import record_metrics
 from uniir_lite.data import mbeir
 from uniir_lite.data.images import ImageLoader
 from uniir_lite.data.pairs import image_caption_pairs
-from uniir_lite.data.synthetic_content import COLOURS, GARMENTS, SHAPES
+from uniir_lite.data.synthetic.scenes import COLOURS, GARMENTS, SHAPES
 from uniir_lite.evaluation import evaluate, load_pairs
 from uniir_lite.metrics import paper_table, recall_at_k
 from uniir_lite.models.clip import (
     INIT_TEMPERATURE,
     MAX_LOGIT_SCALE,
-    ClipRecipe,
     build_clip,
     clip_loss,
     clip_loss_fn,
-    clip_training_log,
     encode_images,
     encode_texts,
-    pair_batches,
-    train_clip,
-    train_or_load_clip,
 )
+from uniir_lite.recipes.clip import ClipRecipe, clip_training_log, pair_batches, train_clip, train_or_load_clip
 from uniir_lite.retrieval import search
 from uniir_lite.train import TrainConfig, cosine_schedule, fit, param_groups, to_device
 from uniir_lite.viz import image_grid, save_figure
@@ -667,34 +663,27 @@ metrics = {
     "i2t_recall@5": r5[("image → text", "trained")],
     "i2t_recall@5_untrained": r5[("image → text", "untrained")],
     "recall@5_chance": r5[("either", "chance")],
-    "t2i_recall@5_gain": r5[("text → image", "trained")] - r5[("text → image", "untrained")],
-    "i2t_recall@5_gain": r5[("image → text", "trained")] - r5[("image → text", "untrained")],
     "mbeir_caption_rows_avg": mbeir_table["trained CLIP"].iloc[-1] / 100,
     "mbeir_caption_rows_avg_untrained": mbeir_table["untrained"].iloc[-1] / 100,
-    "mbeir_caption_rows_gain": (mbeir_table["trained CLIP"].iloc[-1] - mbeir_table["untrained"].iloc[-1]) / 100,
     "zero_shot_colour_acc": zero_shot_table.loc["colour, one prompt", "trained"],
     "zero_shot_colour_acc_untrained": zero_shot_table.loc["colour, one prompt", "untrained"],
     "zero_shot_colour_chance": zero_shot_table.loc["colour, one prompt", "chance"],
-    "zero_shot_colour_gain_over_chance": zero_shot_table.loc["colour, one prompt", "trained"] - zero_shot_table.loc["colour, one prompt", "chance"],
     "zero_shot_colour_ensemble_acc": zero_shot_table.loc["colour, prompt ensemble", "trained"],
     "zero_shot_shape_acc": zero_shot_table.loc["shape, one prompt", "trained"],
     "loss_first": log["loss"].iloc[0],
     "loss_last": log["loss"].iloc[-1],
-    "loss_drop": log["loss"].iloc[0] - log["loss"].iloc[-1],
     "temp_steps": temperature_steps,
     "temp_high_final_loss": temperature_table.loc["fixed high τ", "final loss"],
     "temp_high_loss_floor": temperature_table.loc["fixed high τ", "loss floor"],
     "temp_low_first_loss": temperature_table.loc["fixed low τ", "first loss"],
-    "temp_low_first_loss_minus_log_n": temperature_table.loc["fixed low τ", "first loss"] - math.log(cfg.batch_size),
+    "log_batch_size": math.log(cfg.batch_size),  # the untrained InfoNCE loss
     "temp_low_final_loss": temperature_table.loc["fixed low τ", "final loss"],
     "temp_learned_final_loss": temperature_table.loc["learned τ", "final loss"],
     "temp_high_recall@5": temperature_table.loc["fixed high τ", "mean R@5"],
     "temp_low_recall@5": temperature_table.loc["fixed low τ", "mean R@5"],
     "temp_learned_recall@5": temperature_table.loc["learned τ", "mean R@5"],
-    "temp_high_loss_minus_learned": temperature_table.loc["fixed high τ", "final loss"] - temperature_table.loc["learned τ", "final loss"],
-    "temp_learned_recall_minus_low": temperature_table.loc["learned τ", "mean R@5"] - temperature_table.loc["fixed low τ", "mean R@5"],
     "learned_logit_scale": learned_scale,
-    "logit_scale_change": learned_scale - 1 / INIT_TEMPERATURE,
+    "initial_logit_scale": 1 / INIT_TEMPERATURE,
 }
 record_metrics("01_clip", metrics, cfg)
 

@@ -41,20 +41,20 @@
 # Measured run times per profile are in the README's notebook table.
 
 # %% tags=["parameters"]
-PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" or "full" (real weights and M-BEIR)
-SEED = None  # None: the profile's value (so for every knob below)
+PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" (BLIP-base towers, random init) or "full" (Salesforce BLIP)
+SEED = None  # None: the profile's value (so for every knob below); seeds the weights, batches and corruptions
 DEVICE = None  # "cpu", "cuda" or "auto"
-DATA_DIR = None  # the synthetic benchmark's folder, or M-BEIR's in full
-OUT_DIR = None  # checkpoints and recorded metrics
-FIG_DIR = None  # where figures are saved
+DATA_DIR = None  # the synthetic benchmark's folder (its image-caption pairs), or M-BEIR's in full
+OUT_DIR = None  # the trained MED (checkpoints/02_blip, reused by notebook 06's BLIP_FF) and the recorded metrics
+FIG_DIR = None  # where the MED, training, hard-negative, retrieval, caption and CapFilt figures are saved
 DATA_SIZE = None  # synthetic size ("tiny", "small", "gpu") or "full" (real M-BEIR)
-MAX_STEPS = None  # training steps
-BATCH_SIZE = None  # training batch size
-EVAL_BATCH_SIZE = None  # batch size when embedding for evaluation
-EMBED_DIM = None  # width of the shared embedding space
-IMAGE_SIZE = None  # image side in pixels
-PRECISION = None  # "fp32", or "bf16" (autocast on a GPU)
-PRETRAINED = None  # start from released weights (full) instead of a random init
+MAX_STEPS = None  # training steps of the MED (ITC + ITM + LM together)
+BATCH_SIZE = None  # image-caption pairs per training batch, the pool ITC's negatives are mined from
+EVAL_BATCH_SIZE = None  # images or pairs per forward pass when embedding, scoring and captioning the test set
+EMBED_DIM = None  # width of ITC's shared image-text space
+IMAGE_SIZE = None  # image side in pixels of the ViT's input
+PRECISION = None  # "fp32", or "bf16" (autocast on a GPU) for training
+PRETRAINED = None  # True (full): Salesforce's pre-trained BLIP instead of training a random init here
 ITM_HARDNESS = None  # None: the profile's (0, random negatives, in tiny; 1, BLIP's hard negatives, otherwise)
 RERANK_K = 16  # ITC candidates the ITM head re-ranks
 CORRUPT_RATE = 0.3  # share of captions CapFilt receives corrupted
@@ -80,8 +80,9 @@ from uniir_lite.data.images import ImageLoader
 from uniir_lite.data.pairs import image_caption_pairs
 from uniir_lite.metrics import recall_at_k
 from uniir_lite.models import blip
+from uniir_lite.recipes.blip import train_or_load_blip
 from uniir_lite.retrieval import search
-from uniir_lite.viz import image_grid, save_figure
+from uniir_lite.viz import image_grid, med_diagram, save_figure
 
 cfg = uniir_lite.setup(globals())  # profile + knobs, seed, device, plot style, data
 device = torch.device(cfg.device)
@@ -116,7 +117,7 @@ device = torch.device(cfg.device)
 # ablation found this best): embeddings, cross-attention and feed-forward layers are the same tensors.
 
 # %%
-fig = blip.draw_med(shared=not cfg.pretrained)
+fig = med_diagram(shared=not cfg.pretrained)
 save_figure(fig, "02_med_architecture", cfg)
 plt.show()
 
@@ -371,7 +372,7 @@ print(f"shortlist: {len(shortlist)} of {len(tok)} tokens | untrained LM loss ove
 # pre-trained BERT and sees millions of pairs; the `gpu` and `full` profiles keep its hard negatives.
 
 # %%
-model, log = blip.train_or_load_blip(cfg, root, hardness=ITM_HARDNESS)
+model, log = train_or_load_blip(cfg, root, hardness=ITM_HARDNESS)
 model = model.to(device).eval()
 trained_here = not log.empty
 if trained_here:
@@ -697,15 +698,11 @@ metrics = {
     "itc_t2i_recall@5": r.loc["trained", "ITC R@5"],
     "itc_t2i_recall@5_untrained": r.loc["untrained", "ITC R@5"],
     "itc_t2i_recall@5_chance": r.loc["chance", "ITC R@5"],
-    "itc_t2i_recall@5_gain": r.loc["trained", "ITC R@5"] - r.loc["untrained", "ITC R@5"],
     # ITM re-ranking of the ITC top RERANK_K
     "itm_rerank_recall@5": r.loc["trained", "ITC+ITM R@5"],
-    "itm_rerank_gain@5": r.loc["trained", "ITC+ITM R@5"] - r.loc["trained", "ITC R@5"],
     # ITM on positives vs random and vs hardest ITC negatives (chance 0.5)
     "itm_positive_above_random_negative": itm_t.loc["trained", "positive above random negative"],
     "itm_positive_above_random_negative_untrained": itm_t.loc["untrained", "positive above random negative"],
-    "itm_positive_above_random_negative_gain": itm_t.loc["trained", "positive above random negative"]
-    - itm_t.loc["untrained", "positive above random negative"],
     "itm_positive_above_hard_negative": itm_t.loc["trained", "positive above hard negative"],
     "itm_hard_negative_accuracy": itm_t.loc["trained", "accuracy vs hard negatives"],
     "itm_hard_negative_accuracy_untrained": itm_t.loc["untrained", "accuracy vs hard negatives"],
@@ -713,12 +710,9 @@ metrics = {
     "caption_attribute_f1": caption_quality.loc["trained", "attribute F1"],
     "caption_attribute_f1_untrained": caption_quality.loc["untrained", "attribute F1"],
     "caption_attribute_f1_same_caption": caption_quality.loc["same caption for every image", "attribute F1"],
-    "caption_attribute_f1_gain_over_same_caption": caption_quality.loc["trained", "attribute F1"]
-    - caption_quality.loc["same caption for every image", "attribute F1"],
     # CapFilt: the ITM head as a filter; a random filter's precision is the corruption rate
     "capfilt_precision": cf.loc["trained ITM", "precision"],
     "capfilt_corruption_rate": cf.loc["trained ITM", "corruption rate"],
-    "capfilt_precision_gain_over_random": cf.loc["trained ITM", "precision"] - cf.loc["trained ITM", "corruption rate"],
     "capfilt_recall": cf.loc["trained ITM", "recall"],
     "capfilt_recall_untrained": cf.loc["untrained ITM", "recall"],
     "capfilt_recall_random_captions": cf.loc["trained ITM", "recall (random)"],
@@ -732,7 +726,6 @@ if trained_here:
     metrics["itm_hardness"] = float(log["hardness"].iloc[-1])
     for k in ("itc", "itm", "lm"):
         metrics[f"{k}_first"], metrics[f"{k}_last"] = log[k].iloc[0], log[k].iloc[-1]
-        metrics[f"{k}_drop"] = log[k].iloc[0] - log[k].iloc[-1]
 record_metrics("02_blip", metrics, cfg)
 
 # %% [markdown]

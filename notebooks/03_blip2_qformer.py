@@ -42,19 +42,20 @@
 # Measured run times per profile are in the README's notebook table.
 
 # %% tags=["parameters"]
-PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" or "full" (real weights and M-BEIR)
-SEED = None  # None: the profile's value (so for every knob below)
+PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" (BLIP-2's Q-Former shape) or "full" (also Salesforce BLIP-2)
+SEED = None  # None: the profile's value (so for every knob below); seeds the Q-Former, LM and projection weights
 DEVICE = None  # "cpu", "cuda" or "auto"
-DATA_DIR = None  # the synthetic benchmark's folder, or M-BEIR's in full
-OUT_DIR = None  # checkpoints and recorded metrics
-FIG_DIR = None  # where figures are saved
+DATA_DIR = None  # the synthetic benchmark's folder (its image-caption pairs), or M-BEIR's in full
+OUT_DIR = None  # notebook 01's CLIP is loaded from here; the Q-Former, LM, captioner and metrics are saved here
+FIG_DIR = None  # where the mask, training, query-attention and caption figures are saved
 DATA_SIZE = None  # synthetic size ("tiny", "small", "gpu") or "full" (real M-BEIR)
-MAX_STEPS = None  # training steps
-BATCH_SIZE = None  # training batch size
-EMBED_DIM = None  # width of the shared embedding space
-IMAGE_SIZE = None  # image side in pixels
-PRECISION = None  # "fp32", or "bf16" (autocast on a GPU)
-PRETRAINED = None  # start from released weights (full) instead of a random init
+MAX_STEPS = None  # stage 1 trains 2 * MAX_STEPS // 3 steps in tiny, the frozen LM MAX_STEPS, stage 2 MAX_STEPS // 2
+BATCH_SIZE = None  # stage-2 batch; stage 1 and the LM train on BATCH_SIZE // 2 (distinct images per batch)
+EMBED_DIM = None  # width of notebook 01's CLIP and, in tiny, of the Q-Former's ITC space (256 otherwise)
+IMAGE_SIZE = None  # image side in pixels of the frozen CLIP image encoder
+NUM_WORKERS = None  # data-loader workers, used only if notebook 01's CLIP has to be trained here first
+PRECISION = None  # "fp32", or "bf16" (autocast on a GPU) for training
+PRETRAINED = None  # True (full): OpenAI's CLIP as the frozen encoder, and Salesforce's BLIP-2 beside ours
 
 # %% [markdown]
 # ## Setup
@@ -76,13 +77,27 @@ from PIL import Image
 import uniir_lite
 from uniir_lite import record_metrics
 from uniir_lite.models import blip2
+from uniir_lite.models import qformer as qf
+from uniir_lite.recipes.blip2 import (
+    LMRecipe,
+    Stage1Recipe,
+    Stage2Recipe,
+    caption_tokenizer,
+    frozen_encoder,
+    init_stage1,
+    new_captioner,
+    train_or_load_caption_lm,
+    train_or_load_captioner,
+    train_or_load_qformer,
+    training_log,
+)
 from uniir_lite.viz import image_grid, save_figure
 
 cfg = uniir_lite.setup(globals())  # profile + knobs, seed, device, plot style, data
 root = cfg.data_root  # the synthetic benchmark (tiny, gpu) or M-BEIR (full)
-pd.DataFrame({"stage 1 (Q-Former)": vars(blip2.Stage1Recipe.from_config(cfg)),
-              "frozen LM pre-training": vars(blip2.LMRecipe.from_config(cfg)),
-              "stage 2 (soft prompts)": vars(blip2.Stage2Recipe.from_config(cfg))}, dtype=object).fillna("")
+pd.DataFrame({"stage 1 (Q-Former)": vars(Stage1Recipe.from_config(cfg)),
+              "frozen LM pre-training": vars(LMRecipe.from_config(cfg)),
+              "stage 2 (soft prompts)": vars(Stage2Recipe.from_config(cfg))}, dtype=object).fillna("")
 
 # %% [markdown]
 # ## 1. The idea: a small bridge between two frozen models
@@ -103,8 +118,8 @@ pd.DataFrame({"stage 1 (Q-Former)": vars(blip2.Stage1Recipe.from_config(cfg)),
 from transformers import Blip2Config
 
 defaults = Blip2Config()
-stage1_recipe = blip2.Stage1Recipe.from_config(cfg)
-encoder = blip2.frozen_encoder(cfg, root)  # notebook 01's CLIP vision tower, frozen
+stage1_recipe = Stage1Recipe.from_config(cfg)
+encoder = frozen_encoder(cfg, root)  # notebook 01's CLIP vision tower, frozen
 patch = encoder.visual.patch_size[0]
 token_table = pd.DataFrame(
     [
@@ -131,7 +146,7 @@ token_table
 # output layers of the generative objectives small. BLIP adds a `[DEC]` token for generation; so do we.
 
 # %%
-tok = blip2.caption_tokenizer(root)
+tok = caption_tokenizer(root)
 train = blip2.caption_data(root, "train", tok, encoder, cfg.image_size)
 test = blip2.caption_data(root, "test", tok, encoder, cfg.image_size)
 n_tokens, width = train.image_embeds.shape[1:]
@@ -163,7 +178,7 @@ pd.DataFrame(
 # captions, and write the first layer out.
 
 # %%
-untrained = blip2.init_stage1(cfg, tok, width)
+untrained = init_stage1(cfg, tok, width)
 qformer, Lq = untrained.qformer, untrained.config.num_query_tokens
 rows = test.first_captions()[:4]
 image_embeds = test.image_embeds[:4]  # [B, 1+P, W]
@@ -191,7 +206,7 @@ def feed_forward(x, block):
 
 
 layer = qformer.layers[0]
-mask = blip2.with_padding(blip2.itm_mask(Lq, length), Lq, text_mask)  # [B, L, L]
+mask = qf.with_padding(qf.itm_mask(Lq, length), Lq, text_mask)  # [B, L, L]
 x = qformer.norm(qformer.embed(len(rows), input_ids))  # [B, Lq+Lt, H]: queries, then text
 h = attention(x, x, mask, layer.self_attn)  # 1. shared self-attention
 queries = attention(h[:, :Lq], image_embeds, None, layer.cross_attn)  # 2. queries read the image
@@ -200,7 +215,7 @@ assert ours.shape == (len(rows), Lq + length, qformer.config.hidden_size)
 assert torch.allclose(ours, layer(x, Lq, image_embeds, mask), atol=1e-6)
 
 # %% [markdown]
-# The layer of the library (`uniir_lite.models.blip2.QFormerLayer`) computes the same thing. The
+# The layer of the library (`uniir_lite.models.qformer.QFormerLayer`) computes the same thing. The
 # whole `QFormer` is: learned query tokens, BERT's word and position embeddings for the text, a
 # LayerNorm, then a stack of these layers.
 #
@@ -237,9 +252,9 @@ def bidirectional(n_q, n_t):
 
 
 for n_q, n_t in [(Lq, length), (1, 1), (3, 0), (0, 4)]:
-    assert torch.equal(unimodal(n_q, n_t), blip2.itc_mask(n_q, n_t))
-    assert torch.equal(multimodal_causal(n_q, n_t), blip2.itg_mask(n_q, n_t))
-    assert torch.equal(bidirectional(n_q, n_t), blip2.itm_mask(n_q, n_t))
+    assert torch.equal(unimodal(n_q, n_t), qf.itc_mask(n_q, n_t))
+    assert torch.equal(multimodal_causal(n_q, n_t), qf.itg_mask(n_q, n_t))
+    assert torch.equal(bidirectional(n_q, n_t), qf.itm_mask(n_q, n_t))
 
 # %% [markdown]
 # Drawn for the queries and the tokens of a real caption (dark = may attend; rows attend to columns):
@@ -280,7 +295,7 @@ later[:, length - 2] = tok.unk_id  # the last word before [SEP]
 other_image = test.image_embeds[4:8]
 flow = {}
 with torch.no_grad():
-    for name in blip2.MASKS:
+    for name in qf.MASKS:
         base = qformer(image_embeds, input_ids, full_mask, mask=name)
         new_image = qformer(other_image, input_ids, full_mask, mask=name)
         new_word = qformer(image_embeds, later, full_mask, mask=name)
@@ -316,14 +331,14 @@ assert torch.allclose(joint[:, Lq:][real], text_alone[real], atol=1e-6)
 #
 # `transformers` ships BLIP-2's Q-Former as `Blip2QFormerModel` (the class behind every BLIP-2 and
 # InstructBLIP checkpoint on the hub). We copy our weights into one with the same configuration
-# (`blip2.to_transformers_qformer`) and feed both the same embeddings, image features and masks;
+# (`uniir_lite.models.qformer.to_transformers_qformer`) and feed both the same embeddings, image features and masks;
 # `transformers` accepts our boolean masks as ready 4-D attention masks. If our reading of the
 # architecture were wrong anywhere (a LayerNorm in the wrong place, text sharing the query
 # feed-forward, cross-attention in the wrong layers), the outputs would differ.
 
 # %%
-theirs = blip2.to_transformers_qformer(qformer)
-diffs = blip2.max_abs_diff_vs_transformers(qformer, image_embeds, input_ids, text_mask)
+theirs = qf.to_transformers_qformer(qformer)
+diffs = qf.max_abs_diff_vs_transformers(qformer, image_embeds, input_ids, text_mask)
 n_ours = sum(p.numel() for n, p in qformer.named_parameters() if not n.startswith(("query_tokens", "word_", "position_")))
 n_theirs = sum(p.numel() for p in theirs.parameters())
 assert n_ours == n_theirs
@@ -392,7 +407,7 @@ pd.DataFrame({"untrained model, this small batch": {k: float(v) for k, v in out.
 # %% [markdown]
 # ## 7. Training stage 1
 #
-# `blip2.train_or_load_qformer` trains the Q-Former with $\mathcal{L}_{itc} + \mathcal{L}_{itm} +
+# `train_or_load_qformer` trains the Q-Former with $\mathcal{L}_{itc} + \mathcal{L}_{itm} +
 # \mathcal{L}_{itg}$ through the kit's trainer (`uniir_lite.train.fit`), with the frozen CLIP features
 # as input, and saves it; a second run loads it. A batch holds distinct images, each with one of its
 # captions drawn at random, so in-batch negatives are true negatives.
@@ -403,8 +418,8 @@ pd.DataFrame({"untrained model, this small batch": {k: float(v) for k, v in out.
 # initialisation with the width ($1/\sqrt{\text{width}}$, the `initializer_range` of the recipe table).
 
 # %%
-stage1, tok = blip2.train_or_load_qformer(cfg, root, data=train, tokenizer=tok)
-log1 = blip2.training_log(cfg, "stage1")
+stage1, tok = train_or_load_qformer(cfg, root, data=train, tokenizer=tok)
+log1 = training_log(cfg, "stage1")
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
 log1.plot(x="step", y=["itc", "itm", "itg"], ax=axes[0])
 axes[0].axhline(np.log(2), color="grey", ls=":", lw=1, label="ln 2 (ITM guessing)")
@@ -527,7 +542,7 @@ plt.show()
 # prompt exploits.
 
 # %%
-lm = blip2.train_or_load_caption_lm(cfg, root, tok)
+lm = train_or_load_caption_lm(cfg, root, tok)
 lm_alone = blip2.Blip2Captioner(None, lm)  # the same captioner with an empty soft prompt
 said = tok.decode(lm_alone.generate(test.image_embeds[:1], tok.cls_id, tok.sep_id)[0])
 print(f"the frozen LM, asked for a caption with no image: {said!r}")
@@ -538,16 +553,16 @@ print(f"the frozen LM, asked for a caption with no image: {said!r}")
 # soft prompt is noise to the language model.
 
 # %%
-before = blip2.new_captioner(stage1, lm, cfg.seed)
+before = new_captioner(stage1, lm, cfg.seed)
 lm_weights = copy.deepcopy(lm.state_dict())
-captioner = blip2.train_or_load_captioner(cfg, root, stage1, lm, data=train, tokenizer=tok)
+captioner = train_or_load_captioner(cfg, root, stage1, lm, data=train, tokenizer=tok)
 assert all(torch.equal(v, captioner.lm.state_dict()[k]) for k, v in lm_weights.items())  # the LM stayed frozen
 trainable = sum(p.numel() for p in captioner.parameters() if p.requires_grad)
 frozen = sum(p.numel() for p in captioner.lm.parameters())
 print(f"stage 2 trains {trainable:,} parameters (Q-Former + projection); the LM's {frozen:,} stay frozen")
 
 # %%
-log_lm, log2 = blip2.training_log(cfg, "lm"), blip2.training_log(cfg, "stage2")
+log_lm, log2 = training_log(cfg, "lm"), training_log(cfg, "stage2")
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
 log_lm.plot(x="step", y="loss", ax=axes[0], legend=False, color="#8C8C8C")
 axes[0].set_title("language model pre-training (text only)")
@@ -639,7 +654,6 @@ metrics = {
     "chance_recall@5": chance["image→text R@5"],
     "stage1_i2t_recall@5_untrained": s1["untrained"]["image→text R@5"],
     "stage1_i2t_recall@5_trained": s1["trained"]["image→text R@5"],
-    "stage1_recall@5_gain_over_untrained": s1["trained"]["image→text R@5"] - s1["untrained"]["image→text R@5"],
     "stage1_t2i_recall@5_trained": s1["trained"]["text→image R@5"],
     "stage1_i2t_recall@1_trained": s1["trained"]["image→text R@1"],
     "itm_accuracy_untrained": s1["untrained"]["ITM accuracy (random negative)"],
@@ -647,14 +661,11 @@ metrics = {
     "stage2_caption_loss_lm_alone": s2["LM alone (no image)"]["caption_loss"],
     "stage2_caption_loss_untrained": s2["untrained projection"]["caption_loss"],
     "stage2_caption_loss_trained": s2["after stage 2"]["caption_loss"],
-    "stage2_caption_loss_gain_over_lm_alone": s2["LM alone (no image)"]["caption_loss"] - s2["after stage 2"]["caption_loss"],
     "stage2_colour_accuracy_chance": colour_chance,
     "stage2_colour_accuracy_untrained": s2["untrained projection"]["colour_accuracy"],
     "stage2_colour_accuracy_trained": s2["after stage 2"]["colour_accuracy"],
-    "stage2_colour_accuracy_gain_over_untrained": s2["after stage 2"]["colour_accuracy"] - s2["untrained projection"]["colour_accuracy"],
     "stage2_attribute_accuracy_untrained": s2["untrained projection"]["attribute_accuracy"],
     "stage2_attribute_accuracy_trained": s2["after stage 2"]["attribute_accuracy"],
-    "stage2_attribute_accuracy_gain_over_untrained": s2["after stage 2"]["attribute_accuracy"] - s2["untrained projection"]["attribute_accuracy"],
 }
 if cfg.pretrained:
     metrics["pretrained_blip2_itm_accuracy"] = pretrained_itm_accuracy
@@ -678,7 +689,7 @@ record_metrics("03_blip2_qformer", metrics, cfg)
 # ## Exercises
 #
 # 1. *Predict, then run:* train a Q-Former with a single query: build it from
-#    `blip2.Stage1Recipe.from_config(cfg, num_query_tokens=1).qformer_config(tok.vocab_size, width)` and
+#    `Stage1Recipe.from_config(cfg, num_query_tokens=1).qformer_config(tok.vocab_size, width)` and
 #    train it with `uniir_lite.train.fit` and `blip2.stage1_loss`, as `train_or_load_qformer` does.
 #    What happens to ITC recall and to ITM accuracy? Why might one query suffice for retrieval here but
 #    not for captioning?

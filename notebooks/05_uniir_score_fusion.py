@@ -42,21 +42,21 @@
 # Measured run times per profile are in the README's notebook table.
 
 # %% tags=["parameters"]
-PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" or "full" (real weights and M-BEIR)
-SEED = None  # None: the profile's value (so for every knob below)
+PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" (real-size towers, random init) or "full" (OpenAI's CLIP, M-BEIR)
+SEED = None  # None: the profile's value (so for every knob below); seeds batches and instruction draws
 DEVICE = None  # "cpu", "cuda" or "auto"
-DATA_DIR = None  # the synthetic benchmark's folder, or M-BEIR's in full
-OUT_DIR = None  # checkpoints and recorded metrics
-FIG_DIR = None  # where figures are saved
+DATA_DIR = None  # the synthetic benchmark's folder (its union training file, 16 pairs and pools), or M-BEIR's in full
+OUT_DIR = None  # notebook 01's CLIP is loaded from here; the trained CLIP_SF (reused by 06, 07) and metrics go here
+FIG_DIR = None  # where the norm, task-mix, training, table and score-term figures are saved
 DATA_SIZE = None  # synthetic size ("tiny", "small", "gpu") or "full" (real M-BEIR)
-MAX_STEPS = None  # training steps
-BATCH_SIZE = None  # training batch size
-EVAL_BATCH_SIZE = None  # batch size when embedding for evaluation
-EMBED_DIM = None  # width of the shared embedding space
-IMAGE_SIZE = None  # image side in pixels
-NUM_WORKERS = None  # data-loader worker processes
-PRECISION = None  # "fp32", or "bf16" (autocast on a GPU)
-PRETRAINED = None  # start from released weights (full) instead of a random init
+MAX_STEPS = None  # multi-task training steps of CLIP_SF on the union training file
+BATCH_SIZE = None  # instructed queries per batch, each with its positive: the in-batch negatives
+EVAL_BATCH_SIZE = None  # queries or candidates per forward pass when embedding for evaluation
+EMBED_DIM = None  # width of CLIP's shared embedding space, where image and text embeddings are summed
+IMAGE_SIZE = None  # image side in pixels of CLIP's image tower
+NUM_WORKERS = None  # data-loader worker processes for training and embedding
+PRECISION = None  # "fp32", or "bf16" (autocast on a GPU) for training
+PRETRAINED = None  # True (full): start from OpenAI's CLIP instead of notebook 01's
 
 # %% [markdown]
 # ## Setup
@@ -74,21 +74,14 @@ import torch.nn.functional as F
 import uniir_lite
 from uniir_lite import record_metrics
 from uniir_lite.data import mbeir
-from uniir_lite.data.torch_data import MBEIREmbedDataset
-from uniir_lite.evaluation import average, load_pairs
+from uniir_lite.data.torch_data import MBEIREmbedDataset, collator_for
+from uniir_lite.evaluation import average, chance_level, evaluate_model, load_pairs
 from uniir_lite.fusion import build_uniir
 from uniir_lite.fusion.score import TERMS, score_fusion, score_terms
+from uniir_lite.instructions import InstructionTable
 from uniir_lite.losses import inbatch_contrastive_loss
 from uniir_lite.metrics import paper_table
-from uniir_lite.uniir import (
-    UniIRRecipe,
-    chance_level,
-    collator,
-    evaluate_uniir,
-    instruction_table,
-    train_dataset,
-    train_or_load_uniir,
-)
+from uniir_lite.multitask import UniIRRecipe, train_dataset, train_or_load_uniir
 from uniir_lite.viz import MODALITY_COLORS, save_figure
 
 cfg = uniir_lite.setup(globals())  # profile + knobs, seed, device, plot style, data
@@ -126,7 +119,7 @@ first_of_task = {}
 for i, q in enumerate(train_set.queries):
     first_of_task.setdefault(q.task_id, i)
 items = [train_set[i] for i in first_of_task.values()]
-batch = collator(model, root)(items)
+batch = collator_for(model, root)(items)
 pd.DataFrame({
     "task": [mbeir.TASKS[it["task_id"]].short for it in items],
     "query text": [it["query_txt"][:70] for it in items],
@@ -167,7 +160,7 @@ print("our fused queries == uniir_lite.fusion: True |", tuple(ours.shape))
 norm_rows = []
 for d in test:
     pool = d.pool.select(range(min(64, len(d.pool))))
-    side = collator(model, root)([{"id": r["did"], "txt": mbeir.format_string(r["txt"]), "img_path":
+    side = collator_for(model, root)([{"id": r["did"], "txt": mbeir.format_string(r["txt"]), "img_path":
                                    str(root / r["img_path"]) if r["img_path"] else None} for r in pool])
     with torch.no_grad():
         i_emb, t_emb = model.unimodal(side)  # masked, unnormalised
@@ -233,7 +226,7 @@ print(f"four terms vs fused cosine: max |difference| = {decomposition_error:.2e}
 # ranking (notebook 00).
 
 # %%
-zero_shot = evaluate_uniir(model, cfg, root, test, instructions=False, pools=("local",))["local"]
+zero_shot = evaluate_model(model, cfg, root, test, instructions=False, pools=("local",))["local"]
 chance = chance_level(test)
 zs_table = paper_table(zero_shot.results).rename(columns={"value": "zero-shot CLIP_SF"})
 zs_table["chance"] = [100 * chance[p.name] for p in mbeir.EVAL_PAIRS if p.name in chance] + [100 * np.mean(list(chance.values()))]
@@ -307,7 +300,7 @@ plt.show()
 # instruction (UniIR's random choice, seeded here so the run repeats).
 
 # %%
-trained_eval = evaluate_uniir(trained, cfg, root, test, instructions=True, policy="random", pools=("local",))["local"]
+trained_eval = evaluate_model(trained, cfg, root, test, instructions=True, policy="random", pools=("local",))["local"]
 table = paper_table(trained_eval.results).rename(columns={"value": "UniIR CLIP_SF"})
 table["zero-shot"] = zs_table["zero-shot CLIP_SF"]
 table["chance"] = zs_table["chance"]
@@ -352,8 +345,8 @@ per_task.round(1)
 # the work.
 
 # %%
-table_of = instruction_table(root)
-collate = collator(trained, root)
+table_of = InstructionTable.from_root(root)
+collate = collator_for(trained, root)
 modality_of = mbeir.pool_modalities(mbeir.read_pool(mbeir.global_pool_path(root, "test")))
 term_rows = []
 for d in test:
@@ -411,12 +404,11 @@ metrics = {
     "trained_local_avg": local_avg,
     "zeroshot_local_avg": zs_avg,
     "chance_local_avg": chance_avg,
-    "trained_minus_zeroshot_local_avg": local_avg - zs_avg,
 }
 for name, r in per_task.iterrows():
     key = name.split(":")[0].replace(" ", "")
     metrics[f"{key}_trained"] = r["UniIR CLIP_SF"] / 100
-    metrics[f"{key}_trained_minus_zeroshot"] = (r["UniIR CLIP_SF"] - r["zero-shot"]) / 100
+    metrics[f"{key}_zeroshot"] = r["zero-shot"] / 100
 record_metrics("05_uniir_score_fusion", metrics, cfg)
 
 # %% [markdown]

@@ -38,21 +38,21 @@
 # Measured run times per profile are in the README's notebook table.
 
 # %% tags=["parameters"]
-PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" or "full" (real weights and M-BEIR)
-SEED = None  # None: the profile's value (so for every knob below)
-DEVICE = None  # "cpu", "cuda" or "auto"
-DATA_DIR = None  # the synthetic benchmark's folder, or M-BEIR's in full
-OUT_DIR = None  # checkpoints and recorded metrics
-FIG_DIR = None  # where figures are saved
+PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" (real-size towers, random init) or "full" (CLIP/BLIP weights, M-BEIR)
+SEED = None  # None: the profile's value (so for every knob below); seeds the mixer, pooler, batches and draws
+DEVICE = None  # "cpu", "cuda" or "auto"; also where the latency is measured
+DATA_DIR = None  # the synthetic benchmark's folder (its union training file, 16 pairs and pools), or M-BEIR's in full
+OUT_DIR = None  # notebook 01's CLIP and 02's BLIP are loaded from here; the three trained models and metrics go here
+FIG_DIR = None  # where the architecture, token-budget, training, FF-vs-SF and latency figures are saved
 DATA_SIZE = None  # synthetic size ("tiny", "small", "gpu") or "full" (real M-BEIR)
-MAX_STEPS = None  # training steps
-BATCH_SIZE = None  # training batch size
-EVAL_BATCH_SIZE = None  # batch size when embedding for evaluation
-EMBED_DIM = None  # width of the shared embedding space
-IMAGE_SIZE = None  # image side in pixels
-NUM_WORKERS = None  # data-loader worker processes
-PRECISION = None  # "fp32", or "bf16" (autocast on a GPU)
-PRETRAINED = None  # start from released weights (full) instead of a random init
+MAX_STEPS = None  # sets BUDGET_STEPS when that is None (and the steps of 01's CLIP or 02's BLIP if trained here)
+BATCH_SIZE = None  # instructed queries per batch for each of the three models
+EVAL_BATCH_SIZE = None  # queries or candidates per forward pass when embedding for evaluation
+EMBED_DIM = None  # width of the shared embedding space of all three models
+IMAGE_SIZE = None  # image side in pixels of the CLIP and BLIP image towers
+NUM_WORKERS = None  # data-loader worker processes for training and embedding
+PRECISION = None  # "fp32", or "bf16" (autocast on a GPU) for training
+PRETRAINED = None  # True (full): start from OpenAI's CLIP and Salesforce's BLIP instead of notebooks 01 and 02
 BUDGET_STEPS = None  # training steps of every model compared here; None: MAX_STEPS // 5 in tiny, MAX_STEPS otherwise
 
 # %% [markdown]
@@ -74,14 +74,15 @@ import torch.nn.functional as F
 import uniir_lite
 from uniir_lite import record_metrics
 from uniir_lite.data import mbeir
-from uniir_lite.data.torch_data import MBEIREmbedDataset
-from uniir_lite.evaluation import average, load_pairs
+from uniir_lite.data.torch_data import MBEIREmbedDataset, collator_for
+from uniir_lite.evaluation import average, chance_level, evaluate_model, load_pairs
 from uniir_lite.fusion import PAPER_NAMES, build_uniir
-from uniir_lite.fusion.feature import TINY_MOMENTUM, count_parameters, fusion_diagram, train_or_load_at_budget
+from uniir_lite.fusion.feature import TINY_MOMENTUM, count_parameters
+from uniir_lite.instructions import InstructionTable
 from uniir_lite.metrics import paper_table
-from uniir_lite.models.clip import train_or_load_clip
-from uniir_lite.uniir import UniIRRecipe, chance_level, collator, evaluate_uniir, instruction_table
-from uniir_lite.viz import MODALITY_COLORS, save_figure
+from uniir_lite.multitask import UniIRRecipe, train_or_load_at_budget
+from uniir_lite.recipes.clip import train_or_load_clip
+from uniir_lite.viz import MODALITY_COLORS, fusion_diagram, save_figure
 
 cfg = uniir_lite.setup(globals())  # profile + knobs, seed, device, plot style, data
 root = cfg.data_root  # the synthetic benchmark (tiny, gpu) or M-BEIR (full)
@@ -125,7 +126,7 @@ plt.show()
 # %%
 clip, clip_tokenizer = train_or_load_clip(cfg, root)  # notebook 01's CLIP, with its text projection
 clip_ff = build_uniir("clip_ff", cfg, root).eval()
-table_of = instruction_table(root)
+table_of = InstructionTable.from_root(root)
 modality_of = mbeir.pool_modalities(mbeir.read_pool(mbeir.global_pool_path(root, "test")))
 
 
@@ -137,7 +138,7 @@ def query_items(d, n=None):
 
 
 composed = query_items(by_name["cirr_task7"], 8)
-side = collator(clip_ff, root)(composed)
+side = collator_for(clip_ff, root)(composed)
 txt, img = side["txt"].to(cfg.device), side["img"].to(cfg.device)  # [n, L], [n, 3, S, S]
 print(composed[0]["txt"])
 print("txt", tuple(txt.shape), "img", tuple(img.shape), "txt_mask", side["txt_mask"].tolist(), "img_mask", side["img_mask"].tolist())
@@ -271,7 +272,7 @@ pd.Series({"CLIP_SF text embedding": change_sf, "CLIP_FF text positions of Z": c
 
 # %%
 blip_ff = build_uniir("blip_ff", cfg, root).eval()
-b_side = collator(blip_ff, root)(composed)
+b_side = collator_for(blip_ff, root)(composed)
 ids, b_img = b_side["txt"].to(cfg.device), b_side["img"].to(cfg.device)  # [n, L], [n, 3, S, S]
 with torch.no_grad():
     V = blip_ff.vision_model(pixel_values=b_img).last_hidden_state  # [n, 1+P, w]: every image token
@@ -290,7 +291,7 @@ print(blip_ff.tokenize(["x"])[0, 0].item() == 101, "| V", tuple(V.shape), "| h_c
 #
 # We compare three UniIR models: CLIP_SF (notebook 05's model), CLIP_FF and BLIP_FF. For the
 # comparison to mean anything, everything but the fusion is the same: UniIR's recipe
-# (`uniir_lite.uniir.train_uniir`), the union training file, instructions with UniIR's random
+# (`uniir_lite.multitask.train_uniir`), the union training file, instructions with UniIR's random
 # choice, the batch size, the seed and the number of steps. Each family keeps UniIR's own loss: the
 # one-way in-batch contrastive loss for the CLIP models, BLIP's momentum-queue loss for BLIP_FF.
 #
@@ -361,8 +362,8 @@ plt.show()
 # pooler; untrained CLIP_SF is notebook 05's zero-shot CLIP) and chance.
 
 # %%
-evals = {kind: evaluate_uniir(m, cfg, root, test, pools=("local",))["local"] for kind, m in models.items()}
-untrained = {kind: evaluate_uniir(m, cfg, root, test, pools=("local",))["local"]
+evals = {kind: evaluate_model(m, cfg, root, test, pools=("local",))["local"] for kind, m in models.items()}
+untrained = {kind: evaluate_model(m, cfg, root, test, pools=("local",))["local"]
              for kind, m in (("clip_sf", clip_sf_untrained), ("clip_ff", clip_ff), ("blip_ff", blip_ff))}
 chance = chance_level(test)
 
@@ -453,7 +454,7 @@ all_composed = query_items(by_name["cirr_task7"])
 ONE, BATCH = "1 query (ms)", "per query in a batch (ms)"
 latency = {}
 for kind, m in models.items():
-    full = {k: v.to(cfg.device) if torch.is_tensor(v) else v for k, v in collator(m, root)(all_composed).items()}
+    full = {k: v.to(cfg.device) if torch.is_tensor(v) else v for k, v in collator_for(m, root)(all_composed).items()}
     one = {k: v[:1] for k, v in full.items()}
     with torch.no_grad():
         latency[PAPER_NAMES[kind]] = {ONE: median_ms(lambda: m.encode_query(one), 15),
@@ -532,10 +533,6 @@ metrics = {
     "clip_sf_untrained_local_avg": avg_untrained["clip_sf"],
     "clip_ff_untrained_local_avg": avg_untrained["clip_ff"],
     "blip_ff_untrained_local_avg": avg_untrained["blip_ff"],
-    "clip_sf_minus_untrained_local_avg": avg["clip_sf"] - avg_untrained["clip_sf"],
-    "clip_ff_minus_untrained_local_avg": avg["clip_ff"] - avg_untrained["clip_ff"],
-    "blip_ff_minus_untrained_local_avg": avg["blip_ff"] - avg_untrained["blip_ff"],
-    "blip_ff_minus_chance_local_avg": avg["blip_ff"] - chance_avg,
     "clip_ff_minus_clip_sf_local_avg": avg["clip_ff"] - avg["clip_sf"],
 }
 for group, key in zip(groups, ("crossmodal", "samemodality", "text2pair", "composed")):
@@ -546,7 +543,6 @@ metrics["clip_ff_minus_clip_sf_composed"] = metrics["clip_ff_composed"] - metric
 for name in params.index:
     metrics[f"{name.lower()}_params"] = int(params.loc[name, "total"])
 metrics["clip_ff_mixer_params"] = int(params.loc["CLIP_FF", "fusion module"])
-metrics["clip_ff_gap_closes_on_composed"] = metrics["clip_ff_minus_clip_sf_composed"] - metrics["clip_ff_minus_clip_sf_local_avg"]
 for name in ("CLIP_SF", "CLIP_FF", "BLIP_FF"):
     metrics[f"{name.lower()}_ms_per_query"] = latency.loc[name, ONE]
     metrics[f"{name.lower()}_ms_per_query_batched"] = latency.loc[name, BATCH]

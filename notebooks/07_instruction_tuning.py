@@ -26,7 +26,7 @@
 # - how much of the gain survives on local pools, where the pool already fixes the modality;
 # - how much UniIR's *random* choice of instruction moves the results, against a fixed choice.
 #
-# **Prerequisites.** Notebook 05 (CLIP_SF, multi-task training, `uniir_lite.uniir`). Notebook 00
+# **Prerequisites.** Notebook 05 (CLIP_SF, multi-task training, `uniir_lite.multitask`). Notebook 00
 # introduced the modality error.
 #
 # | profile | hardware | model | data |
@@ -38,21 +38,21 @@
 # Measured run times per profile are in the README's notebook table.
 
 # %% tags=["parameters"]
-PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" or "full" (real weights and M-BEIR)
-SEED = None  # None: the profile's value (so for every knob below)
+PROFILE = "tiny"  # "tiny" (CPU, offline), "gpu" (real-size towers, random init) or "full" (OpenAI's CLIP, M-BEIR)
+SEED = None  # None: the profile's value (so for every knob below); seeds batches and the instruction draws
 DEVICE = None  # "cpu", "cuda" or "auto"
-DATA_DIR = None  # the synthetic benchmark's folder, or M-BEIR's in full
-OUT_DIR = None  # checkpoints and recorded metrics
-FIG_DIR = None  # where figures are saved
+DATA_DIR = None  # the synthetic benchmark's folder (its instructions, pools and global pool), or M-BEIR's in full
+OUT_DIR = None  # notebook 05's CLIP_SF is loaded from here; the no-instruction model and the metrics go here
+FIG_DIR = None  # where the training, local-vs-global, modality-error and instruction-choice figures are saved
 DATA_SIZE = None  # synthetic size ("tiny", "small", "gpu") or "full" (real M-BEIR)
-MAX_STEPS = None  # training steps
-BATCH_SIZE = None  # training batch size
-EVAL_BATCH_SIZE = None  # batch size when embedding for evaluation
-EMBED_DIM = None  # width of the shared embedding space
-IMAGE_SIZE = None  # image side in pixels
-NUM_WORKERS = None  # data-loader worker processes
-PRECISION = None  # "fp32", or "bf16" (autocast on a GPU)
-PRETRAINED = None  # start from released weights (full) instead of a random init
+MAX_STEPS = None  # training steps of each of the two CLIP_SF models (with and without instructions)
+BATCH_SIZE = None  # queries per batch of each model: the in-batch negatives
+EVAL_BATCH_SIZE = None  # queries or candidates per forward pass when embedding the local and global pools
+EMBED_DIM = None  # width of CLIP's shared embedding space
+IMAGE_SIZE = None  # image side in pixels of CLIP's image tower
+NUM_WORKERS = None  # data-loader worker processes for training and embedding
+PRECISION = None  # "fp32", or "bf16" (autocast on a GPU) for training
+PRETRAINED = None  # True (full): start from OpenAI's CLIP instead of notebook 01's
 EVAL_SEEDS = 5  # evaluation runs with UniIR's random instruction choice
 
 # %% [markdown]
@@ -69,10 +69,10 @@ from PIL import Image
 import uniir_lite
 from uniir_lite import record_metrics
 from uniir_lite.data import mbeir
-from uniir_lite.evaluation import average, evaluate, load_pairs
-from uniir_lite.instructions import choose, instruct_query
+from uniir_lite.evaluation import average, embed_fns, evaluate, evaluate_model, load_pairs
+from uniir_lite.instructions import InstructionTable, choose, instruct_query
 from uniir_lite.metrics import compare_tables, paper_table
-from uniir_lite.uniir import embed_fns, evaluate_uniir, instruction_table, train_or_load_uniir
+from uniir_lite.multitask import train_or_load_uniir
 from uniir_lite.viz import MODALITY_COLORS, image_grid, save_figure
 
 cfg = uniir_lite.setup(globals())  # profile + knobs, seed, device, plot style, data
@@ -90,7 +90,7 @@ did_modality = mbeir.pool_modalities(mbeir.read_pool(mbeir.global_pool_path(root
 # queries of the same dataset family, before and after:
 
 # %%
-table = instruction_table(root)
+table = InstructionTable.from_root(root)
 rng = random.Random(cfg.seed)
 examples = []
 for name in ["mscoco_task0", "mscoco_task3", "webqa_task1", "webqa_task2", "cirr_task7"]:
@@ -133,8 +133,8 @@ plt.show()
 # test pools (M-BEIR's 5.6M pool in miniature). Each candidate pool is embedded once per model.
 
 # %%
-ev_instr = evaluate_uniir(instructed, cfg, root, test, instructions=True, policy="random")
-ev_plain = evaluate_uniir(plain, cfg, root, test, instructions=False)
+ev_instr = evaluate_model(instructed, cfg, root, test, instructions=True, policy="random")
+ev_plain = evaluate_model(plain, cfg, root, test, instructions=False)
 both = compare_tables(paper_table(ev_instr["local"].results), paper_table(ev_instr["global"].results)).rename(
     columns={"local": "UniIR local", "global": "UniIR global"}).drop(columns="delta")
 plain_tab = compare_tables(paper_table(ev_plain["local"].results), paper_table(ev_plain["global"].results))
@@ -338,12 +338,11 @@ plt.show()
 metrics = {
     "instr_global_avg": avg["UniIR", "global"],
     "noinstr_global_avg": avg["multi-task", "global"],
-    "instr_minus_noinstr_global_avg": avg["UniIR", "global"] - avg["multi-task", "global"],
     "instr_local_avg": avg["UniIR", "local"],
     "noinstr_local_avg": avg["multi-task", "local"],
     "instr_cross_modal_modality_error@5": error_instr,
     "noinstr_cross_modal_modality_error@5": error_plain,
-    "noinstr_minus_instr_cross_modal_modality_error@5": error_plain - error_instr,
+    "random_choice_global_avg_mean": float(random_avgs.mean()),
     "random_choice_global_avg_std": float(random_avgs.std(ddof=1)),
     "random_choice_global_avg_range": float(random_avgs.max() - random_avgs.min()),
     "fixed_choice_global_avg": fixed_avg,
@@ -366,7 +365,7 @@ record_metrics("07_instruction_tuning", metrics, cfg)
 #
 # 1. *Predict, then run:* double `MAX_STEPS`. Does the local gap between the two models shrink, and
 #    does the global gap stay? (Both models are retrained: their recipe changed.)
-# 2. Evaluate the multi-task model *with* instructions (`instructions=True` in `evaluate_uniir`).
+# 2. Evaluate the multi-task model *with* instructions (`instructions=True` in `evaluate_model`).
 #    It never saw one in training: does the prefix still steer it?
 # 3. Train with `policy="fixed"` (`train_or_load_uniir(..., policy="fixed")`): each query always
 #    sees the same instruction. Does it generalise to the other three instructions at evaluation?

@@ -145,12 +145,13 @@ def test_clip_sf_saved_pretrained_loads_through_the_builder(cfg, tmp_path, monke
     """The full profile's path (pretrained towers) tested offline: a CLIP saved in open_clip's
     local-dir layout comes back through `build_clip_sf` with identical embeddings."""
     from uniir_lite.models import clip as clip_module
+    from uniir_lite.recipes import clip as clip_recipe
 
     source = build_uniir("clip_sf", cfg, root=None, init="random")
     with torch.no_grad():
         source.clip.logit_scale.fill_(1.5)
     folder = clip_module.save_clip_pretrained(source.clip, tmp_path / "clip")
-    monkeypatch.setattr(clip_module, "train_or_load_clip",
+    monkeypatch.setattr(clip_recipe, "train_or_load_clip",
                         lambda cfg, root: clip_module.build_clip(cfg, pretrained=folder))
     loaded = build_uniir("clip_sf", dataclasses.replace(cfg, pretrained=True), root=None)
     side = _side(source, ["a red circle", ""], [1, 1])

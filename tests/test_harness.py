@@ -8,7 +8,7 @@ import pytest
 
 from uniir_lite.data.synthetic import write_benchmark
 from uniir_lite.kit import harness
-from uniir_lite.kit.record import compare_metrics, load_expected, record_metrics
+from uniir_lite.kit.record import MetricCheck, compare_metrics, load_expected, record_metrics
 
 NOTEBOOK = '''\
 # %% [markdown]
@@ -77,7 +77,8 @@ def test_end_to_end_pass_writes_reports(tmp_path):
     assert [nb["name"] for nb in data["notebooks"]] == ["90_first", "91_second"]
     first = data["notebooks"][0]
     assert first["status"] == "ok" and first["seconds"] > 0
-    assert first["metrics"]["answer"] == {"value": 42.0, "expected": 42, "tolerance": 0, "check": "abs", "ok": True}
+    assert first["metrics"]["answer"] == {"value": 42.0, "expected": 42, "tolerance": 0, "check": "abs", "ok": True,
+                                          "over": None, "base": None, "upper": None}
     assert data["environment"]["torch"]
     md = (tmp_path / "out" / "report.md").read_text()
     assert "PASS" in md and "| 90_first | ok |" in md and "answer" in md
@@ -232,6 +233,21 @@ def test_gain_over_another_metric():
     assert miss.ok is False
     absent, = compare_metrics({"trained": 0.9}, expected)[:1]  # the baseline was not recorded
     assert absent.ok is False
+
+
+def test_gain_within_a_band_around_another_metric():
+    expected = {"random": {"min_gain_over": "chance", "min": -0.02, "max": 0.02}}
+    inside, = compare_metrics({"random": 0.045, "chance": 0.03}, expected)[:1]
+    assert inside.ok and inside.describe_expected() == "chance ± 0.02"
+    above, = compare_metrics({"random": 0.06, "chance": 0.03}, expected)[:1]
+    below, = compare_metrics({"random": 0.0, "chance": 0.03}, expected)[:1]
+    assert above.ok is False and below.ok is False
+
+
+def test_a_check_reads_back_from_the_report():
+    check, = compare_metrics({"trained": 0.8, "untrained": 0.4}, {"trained": {"min_gain_over": "untrained", "min": 0.3}})[:1]
+    back = MetricCheck(check.name, **json.loads(json.dumps(check.to_json())))
+    assert back == check and back.describe_expected() == ">= untrained + 0.3"
 
 
 def test_gain_without_a_margin_is_rejected(tmp_path):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from uniir_lite.config import resolve
 from uniir_lite.models import blip
+from uniir_lite.recipes import blip as blip_recipe
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +158,10 @@ def test_itm_loss_shapes_and_labels(med):
 def test_training_lowers_the_losses_and_checkpoint_reloads(cfg, toy, monkeypatch):
     root, pairs = toy
     monkeypatch.setattr("uniir_lite.data.pairs.image_caption_pairs", lambda r, split="train": pairs)
-    model, log = blip.train_or_load_blip(cfg, root, steps=30)
+    model, log = blip_recipe.train_or_load_blip(cfg, root, steps=30)
     assert {"itc", "itm", "lm", "itm_acc"} <= set(log.columns)
     assert log.lm.iloc[-1] < 0.6 * log.lm.iloc[0] and log.itc.iloc[-1] < log.itc.iloc[0]
-    again, log2 = blip.train_or_load_blip(cfg, root, steps=30)  # loaded, not trained
+    again, log2 = blip_recipe.train_or_load_blip(cfg, root, steps=30)  # loaded, not trained
     assert log2.equals(log)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert again.captioner.vision_model is again.retrieval.vision_model  # sharing survives loading
@@ -173,7 +174,7 @@ def test_tiny_itm_learns_to_reject_random_negatives(cfg, toy):
     from uniir_lite.data.images import ImageLoader
     from uniir_lite.train import fit
 
-    assert blip.itm_hardness(cfg) == 0.0 and blip.itm_hardness(dataclasses.replace(cfg, profile="gpu")) == 1.0
+    assert blip_recipe.itm_hardness(cfg) == 0.0 and blip_recipe.itm_hardness(dataclasses.replace(cfg, profile="gpu")) == 1.0
     root, pairs = toy
     data = blip.CaptionData(pairs, ImageLoader(root, 32))
     model = blip.build_blip(cfg, head="med")
@@ -181,7 +182,7 @@ def test_tiny_itm_learns_to_reject_random_negatives(cfg, toy):
     g = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        fit(model, lambda m, b: blip.blip_loss(m, b, g, blip.itm_hardness(cfg)), data.batches(8, 0), blip.train_config(cfg, 60))
+        fit(model, lambda m, b: blip.blip_loss(m, b, g, blip_recipe.itm_hardness(cfg)), data.batches(8, 0), blip_recipe.train_config(cfg, 60))
     other = (data.img_ids + 1) % len(data.img_paths)  # the next image, of another colour
     with torch.no_grad():
         emb = model.encode_image(data.pixels)

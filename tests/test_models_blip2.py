@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from uniir_lite.models import blip2
+from uniir_lite.models import qformer as qf
 
 T, F = True, False
 
 
-def small_qformer(seed: int = 0, **overrides) -> blip2.QFormer:
+def small_qformer(seed: int = 0, **overrides) -> qf.QFormer:
     """A Q-Former whose LayerNorms and biases are not at their init values, so a wrong copy shows."""
     torch.manual_seed(seed)
     config = dict(vocab_size=40, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, num_query_tokens=4,
                   cross_attention_frequency=2, encoder_hidden_size=24, max_position_embeddings=16, embed_dim=16)
-    qformer = blip2.QFormer(blip2.QFormerConfig(**{**config, **overrides})).eval()
+    qformer = qf.QFormer(qf.QFormerConfig(**{**config, **overrides})).eval()
     with torch.no_grad():
         for p in qformer.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -44,15 +45,15 @@ def test_masks_match_hand_written_ones():
     itc = [[T, T, F, F, F], [T, T, F, F, F], [F, F, T, T, T], [F, F, T, T, T], [F, F, T, T, T]]
     itg = [[T, T, F, F, F], [T, T, F, F, F], [T, T, T, F, F], [T, T, T, T, F], [T, T, T, T, T]]
     itm = [[T] * 5] * 5
-    assert torch.equal(blip2.itc_mask(2, 3), torch.tensor(itc))
-    assert torch.equal(blip2.itg_mask(2, 3), torch.tensor(itg))
-    assert torch.equal(blip2.itm_mask(2, 3), torch.tensor(itm))
-    for fn in blip2.MASKS.values():
+    assert torch.equal(qf.itc_mask(2, 3), torch.tensor(itc))
+    assert torch.equal(qf.itg_mask(2, 3), torch.tensor(itg))
+    assert torch.equal(qf.itm_mask(2, 3), torch.tensor(itm))
+    for fn in qf.MASKS.values():
         assert fn(3, 0).all() and fn(0, 1).all()  # one modality alone sees itself
 
 
 def test_padding_hides_padded_keys_only():
-    mask = blip2.with_padding(blip2.itm_mask(2, 3), 2, torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    mask = qf.with_padding(qf.itm_mask(2, 3), 2, torch.tensor([[1, 1, 0], [1, 1, 1]]))
     assert mask.shape == (2, 5, 5)
     assert not mask[0, :, 4].any() and mask[0, :, :4].all() and mask[1].all()
 
@@ -65,7 +66,7 @@ def test_padding_hides_padded_keys_only():
 def test_same_outputs_as_transformers_blip2_qformer_for_every_mask():
     qformer = small_qformer()
     assert [layer.cross_attn is not None for layer in qformer.layers] == [True, False, True]
-    diffs = blip2.max_abs_diff_vs_transformers(qformer, *inputs())
+    diffs = qf.max_abs_diff_vs_transformers(qformer, *inputs())
     assert set(diffs) == {"itc", "itg", "itm"}
     assert max(diffs.values()) < 1e-5, diffs
 
@@ -74,10 +75,10 @@ def test_transformers_copy_is_not_vacuous():
     """A perturbed copy must differ: the comparison can fail."""
     qformer = small_qformer()
     image_embeds, input_ids, text_mask = inputs()
-    theirs = blip2.to_transformers_qformer(qformer)
+    theirs = qf.to_transformers_qformer(qformer)
     with torch.no_grad():
         theirs.encoder.layer[2].crossattention.attention.value.weight.add_(0.1)
-    ref = blip2.transformers_qformer_forward(theirs, qformer, image_embeds, input_ids, text_mask, mask="itm")
+    ref = qf.transformers_qformer_forward(theirs, qformer, image_embeds, input_ids, text_mask, mask="itm")
     assert (qformer(image_embeds, input_ids, text_mask, mask="itm") - ref).abs().max() > 1e-3
 
 
@@ -148,7 +149,7 @@ def test_stage1_loss_falls_when_training():
     from uniir_lite.train import TrainConfig, fit
 
     torch.manual_seed(0)
-    c = blip2.QFormerConfig(vocab_size=12, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+    c = qf.QFormerConfig(vocab_size=12, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                             num_query_tokens=4, encoder_hidden_size=8, max_position_embeddings=8, embed_dim=16)
     model = blip2.Blip2Stage1(c)
     # 8 images whose features say which of 8 words their caption holds
@@ -172,10 +173,10 @@ class _Tok:
 
 def test_captioner_trains_the_bridge_not_the_language_model():
     torch.manual_seed(0)
-    c = blip2.QFormerConfig(vocab_size=12, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+    c = qf.QFormerConfig(vocab_size=12, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                             num_query_tokens=4, encoder_hidden_size=8, max_position_embeddings=8, embed_dim=16)
     lm = blip2.build_caption_lm(_Tok(), hidden=16, layers=1, heads=2, max_positions=16)
-    model = blip2.Blip2Captioner(blip2.QFormer(c), lm).train()
+    model = blip2.Blip2Captioner(qf.QFormer(c), lm).train()
     assert not lm.training and not any(p.requires_grad for p in lm.parameters())
     image_embeds = torch.randn(2, 3, 8)
     ids, mask = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])

@@ -13,18 +13,9 @@ from uniir_lite.data.images import ImageLoader
 from uniir_lite.data.pairs import image_caption_pairs
 from uniir_lite.data.synthetic import SynthSize, write_benchmark
 from uniir_lite.models import clip as clip_module
-from uniir_lite.models.clip import (
-    ClipRecipe,
-    build_clip,
-    clip_checkpoint_dir,
-    clip_loss,
-    clip_training_log,
-    encode_images,
-    encode_texts,
-    save_clip_pretrained,
-    train_clip,
-    train_or_load_clip,
-)
+from uniir_lite.models.clip import build_clip, clip_loss, encode_images, encode_texts, image_token_width, save_clip_pretrained
+from uniir_lite.recipes import clip as clip_recipe
+from uniir_lite.recipes.clip import ClipRecipe, clip_checkpoint_dir, clip_training_log, train_clip, train_or_load_clip
 from uniir_lite.models.tokenizers import CLIP_VOCAB_SIZE
 
 MICRO = SynthSize("micro", eval_queries=8, pool_size=16, train_large=24, train_small=8, upsample=2, entities=8)
@@ -143,11 +134,19 @@ def test_train_or_load_saves_then_loads(cfg, micro_root, monkeypatch):
     _, saved = load_checkpoint(clip_checkpoint_dir(cfg))
     assert saved["recipe"]["steps"] == cfg.max_steps // 2 and len(clip_training_log(cfg)) >= 1
     # a second call loads: no training, same weights
-    monkeypatch.setattr(clip_module, "train_clip", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(clip_recipe, "fit_clip", lambda *a, **k: pytest.fail("trained again"))
     again, _ = train_or_load_clip(cfg, micro_root)
     assert not again.training
     for name, tensor in again.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
-    # another recipe (here: another seed) does not reuse the checkpoint
+    # another recipe (here: another seed) does not reuse the checkpoint, nor does `force`
     with pytest.raises(pytest.fail.Exception, match="trained again"):
         train_or_load_clip(dataclasses.replace(cfg, seed=cfg.seed + 1), micro_root)
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        train_or_load_clip(cfg, micro_root, force=True)
+
+
+def test_image_token_width_is_the_built_towers(cfg):
+    """Read from the config without building anything, it is the width of the tokens the ViT outputs."""
+    model, _ = build_clip(cfg)
+    assert image_token_width(cfg) == model.visual.ln_post.normalized_shape[0] == model.visual.transformer.width

@@ -103,3 +103,42 @@ def test_every_taught_in_names_a_notebook_of_the_manifest():
             dangling += [f"{path.relative_to(ROOT)}: notebook {nn}" for nn in re.findall(r"\d\d", match.group(1))
                          if nn not in have]
     assert dangling == []
+
+
+# The library's layers: a module may import only from its own layer or the layers before it. The
+# first holds what knows no model (formats, search, metrics, plotting); the kit's tooling sits on top.
+LAYERS = [
+    ("config", "env", "io", "viz", "checkpoints", "data", "instructions", "losses", "retrieval", "metrics"),
+    ("models",),
+    ("train",),
+    ("recipes",),
+    ("fusion",),
+    ("multitask",),
+    ("evaluation",),
+    ("kit",),
+]
+
+
+def _layer(module: str) -> int | None:
+    first = module.split(".")[1] if module.startswith("uniir_lite.") else None
+    return next((i for i, names in enumerate(LAYERS) if first in names), None)
+
+
+def test_library_imports_never_go_back_up_the_layers():
+    import ast
+
+    package = Path(__file__).parents[1] / "uniir_lite"
+    back_edges = []
+    for path in package.rglob("*.py"):
+        module = "uniir_lite." + ".".join(path.relative_to(package).with_suffix("").parts)
+        here = _layer(module)
+        if here is None:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            for target in targets:
+                there = _layer(target)
+                if there is not None and there > here:
+                    back_edges.append(f"{module} imports {target}")
+    assert not back_edges, back_edges

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from uniir_lite.data import synthetic
-from uniir_lite.data import synthetic_content as content
+from uniir_lite.data.synthetic import encyclopedia, scenes
 from uniir_lite.data.mbeir import (
     DATASET_IDS,
     DATASET_STEMS,
@@ -259,8 +259,8 @@ def test_infoseek_has_multi_positive_queries_and_hard_negatives(tiny):
             pos, neg = q["pos_cand_list"], q["neg_cand_list"]
             multi += len(pos) > 1
             assert neg, q["qid"]
-            assert all(content.contains_word(pool[d]["txt"], answer) for d in pos)
-            assert not any(content.contains_word(pool[d]["txt"], answer) for d in neg)
+            assert all(encyclopedia.contains_word(pool[d]["txt"], answer) for d in pos)
+            assert not any(encyclopedia.contains_word(pool[d]["txt"], answer) for d in neg)
             # Positives and negatives are the chunks of one entity, the one in the query's photo.
             entity = src(q, "query_src_content")["entity_id"]
             assert {src(pool[d])["wikidata_id"] for d in pos + neg} == {entity}
@@ -383,6 +383,6 @@ def test_pair_modalities_follow_the_tasks(tiny):
 
 
 def test_drawing_is_pure():
-    scene = content.random_scene(np.random.default_rng(3))
-    assert content.jpeg_bytes(scene, 64) == content.jpeg_bytes(scene, 64)
-    assert content.render(scene, 32).size == (32, 32)
+    scene = scenes.random_scene(np.random.default_rng(3))
+    assert scenes.jpeg_bytes(scene, 64) == scenes.jpeg_bytes(scene, 64)
+    assert scenes.render(scene, 32).size == (32, 32)

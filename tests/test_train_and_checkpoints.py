@@ -1,13 +1,15 @@
-"""The trainer, checkpoints, image loading and offline tokenizers."""
+"""The trainer, checkpoints, the one train-or-load, image loading and offline tokenizers."""
 
+import dataclasses
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from uniir_lite.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
+from uniir_lite.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint, saved_log, train_or_load
 from uniir_lite.data.images import ImageLoader
 from uniir_lite.models.tokenizers import BERT_VOCAB_SIZE, CLIP_VOCAB_SIZE, ClipTokenizer, bert_tokenizer
 from uniir_lite.train import TrainConfig, cosine_schedule, fit, param_groups
@@ -136,3 +138,62 @@ def test_samples_are_counted_from_the_first_tensor_whatever_the_dict_order():
     assert _batch_size({"name": "x", "query": {"txt": torch.zeros(4, 7)}, "task_id": torch.zeros(4)}) == 4
     assert _batch_size({"temperature": torch.tensor(0.07), "img": torch.zeros(6, 3)}) == 6  # a 0-d tensor is skipped
     assert _batch_size([None, (torch.zeros(5, 2),)]) == 5
+
+
+@dataclasses.dataclass
+class _Recipe:
+    width: int
+    tasks: tuple[str, ...] = ("a", "b")  # a tuple: compared as the JSON list it is saved as
+
+
+class _Calls:
+    """`build` and `train` for `train_or_load`, counting how often the model is trained."""
+
+    def __init__(self, recipe: _Recipe):
+        self.recipe, self.trained = recipe, 0
+
+    def build(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Linear(self.recipe.width, 1)
+
+    def train(self, model: torch.nn.Module) -> pd.DataFrame:
+        self.trained += 1
+        with torch.no_grad():
+            model.bias.fill_(float(self.trained))
+        return pd.DataFrame({"step": [1, 2], "loss": [1.0, 0.5]})
+
+
+def _run(directory, recipe, force=False, extra=None):
+    calls = _Calls(recipe)
+    trained = train_or_load(directory, recipe, calls.build, calls.train, force=force, extra=extra)
+    return trained, calls.trained
+
+
+def test_train_or_load_trains_once_then_loads_the_same_recipe(tmp_path):
+    first, n = _run(tmp_path / "m", _Recipe(3), extra=lambda m: {"note": "kept"})
+    assert n == 1 and not first.loaded and not first.model.training
+    assert first.saved["complete"] and first.saved["recipe"] == {"width": 3, "tasks": ["a", "b"]}
+    again, n = _run(tmp_path / "m", _Recipe(3))
+    assert n == 0 and again.loaded and again.saved["note"] == "kept"
+    assert again.model.bias.item() == 1.0  # the trained weights, not a fresh build
+    assert again.log.equals(first.log) and saved_log(tmp_path / "m").equals(first.log)
+
+
+def test_train_or_load_retrains_on_another_recipe_force_or_an_unfinished_checkpoint(tmp_path):
+    _run(tmp_path / "m", _Recipe(3))
+    assert _run(tmp_path / "m", _Recipe(3, tasks=("a",)))[1] == 1  # another recipe
+    assert _run(tmp_path / "m", _Recipe(3, tasks=("a",)), force=True)[1] == 1
+    state, saved = load_checkpoint(tmp_path / "m")
+    model = torch.nn.Linear(3, 1)
+    model.load_state_dict(state)
+    save_checkpoint(tmp_path / "m", model, {**saved, "complete": False})  # a run killed before its end
+    assert _run(tmp_path / "m", _Recipe(3, tasks=("a",)))[1] == 1
+
+
+def test_train_or_load_keeps_a_log_in_parts(tmp_path):
+    def train(model):
+        return {"aware": pd.DataFrame({"loss": [2.0]}), "blind": pd.DataFrame({"loss": [3.0]})}
+
+    train_or_load(tmp_path / "m", {"k": 1}, lambda: torch.nn.Linear(2, 1), train)
+    loaded = train_or_load(tmp_path / "m", {"k": 1}, lambda: torch.nn.Linear(2, 1), lambda m: pytest.fail("trained"))
+    assert loaded.loaded and set(loaded.log) == {"aware", "blind"} and loaded.log["blind"]["loss"].tolist() == [3.0]

@@ -5,6 +5,10 @@ Used from notebook 00 on. A model enters as two functions:
 - `embed_candidates(pool: datasets.Dataset) -> array [n, d]`, rows with did, txt, img_path, modality.
 As UniIR does, each local pool is embedded once, and the global pool's embeddings are the
 concatenation of the 16 local pools' (M-BEIR's global test pool is exactly that union).
+
+`evaluate` is the one evaluation; for a UniIR model (`uniir_lite.fusion.UniIRModel`), `embed_fns`
+makes its two functions (instructions prefixed to the queries as UniIR does) and `evaluate_model`
+runs `evaluate` with them on local and global pools.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from uniir_lite.data.mbeir import (
     EVAL_PAIRS,
@@ -120,3 +125,92 @@ def average(results: list[dict], metric: str = "paper") -> float:
 def _paper_metric(result: dict) -> str:
     k = next(p.metric_k for p in EVAL_PAIRS if p.dataset == result["dataset"] and p.task_id == result["task_id"])
     return f"recall@{k}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A UniIR model's embedding functions
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def embed_dataset(model, dataset, collate, encode: Callable, batch_size: int, device,
+                  num_workers: int = 0) -> np.ndarray:
+    """[n, d] float32 embeddings of an `MBEIREmbedDataset`, in its order."""
+    from uniir_lite.train import to_device
+
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    out = [encode(to_device(side, device)).float().cpu() for side in loader]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
+
+
+def embed_fns(
+    model,
+    cfg,
+    root: str | Path,
+    instructions: bool = True,
+    policy: str = "random",
+    seed: int | None = None,
+    batch_size: int | None = None,
+    split: str = "test",
+):
+    """`(embed_queries, embed_candidates)` of a UniIR model (`uniir_lite.fusion.UniIRModel`) for `evaluate`.
+
+    Queries get their instruction exactly as UniIR: chosen for the modality of their positive
+    candidates, prefixed to the text (`"<instruction> <query>"`), and an image-only query gets the
+    instruction alone as its text. Candidates never get one.
+
+    `policy="random"` is UniIR's evaluation (one random instruction per query, here drawn from
+    `(seed, qid)` so a run repeats), `"fixed"` the qid-hashed choice. Candidate embeddings are
+    cached per pool, so local and global evaluations embed each pool once.
+    """
+    from uniir_lite.data.mbeir import global_pool_path, pool_modalities
+    from uniir_lite.data.torch_data import MBEIREmbedDataset, collator_for
+    from uniir_lite.instructions import InstructionTable
+
+    root = Path(root).resolve()
+    seed = cfg.seed if seed is None else seed
+    batch_size = batch_size or cfg.eval_batch_size
+    collate = collator_for(model, root)
+    table = InstructionTable.from_root(root) if instructions else None
+    modality: dict[str, str] = {}
+    cache: dict[str, np.ndarray] = {}
+
+    def modality_of(did: str) -> str:
+        if not modality:  # the union of the split's pools holds every positive
+            modality.update(pool_modalities(read_pool(global_pool_path(root, split))))
+        return modality[did]
+
+    def embed_queries(queries) -> np.ndarray:
+        dataset = MBEIREmbedDataset.from_queries(list(queries), root=root, instructions=table,
+                                                 modality_of=modality_of if table else None,
+                                                 policy=policy, seed=seed)
+        return embed_dataset(model, dataset, collate, model.encode_query, batch_size, cfg.device, cfg.num_workers)
+
+    def embed_candidates(pool) -> np.ndarray:
+        key = getattr(pool, "_fingerprint", None) or str(id(pool))
+        if key not in cache:
+            dataset = MBEIREmbedDataset.from_pool(pool, root=root)
+            cache[key] = embed_dataset(model, dataset, collate, model.encode_candidate, batch_size, cfg.device,
+                                       cfg.num_workers)
+        return cache[key]
+
+    return embed_queries, embed_candidates
+
+
+def evaluate_model(model, cfg, root: str | Path, data: list[PairData], instructions: bool = True,
+                   policy: str = "random", seed: int | None = None,
+                   pools: tuple[str, ...] = ("local", "global")) -> dict[str, Evaluation]:
+    """{pool: `Evaluation`} of a UniIR model on `data` (from `load_pairs`): `evaluate` with its
+    `embed_fns`, embedding each candidate pool once for all `pools`."""
+    embed_queries, embed_candidates = embed_fns(model, cfg, root, instructions, policy, seed)
+    return {pool: evaluate(data, embed_queries, embed_candidates, pool=pool) for pool in pools}
+
+
+def chance_level(data: list[PairData]) -> dict[str, float]:
+    """Expected paper metric (Recall@5, or @10 for the fashion sets) of a random ranking, per pair:
+    the mean over queries of 1 - C(N - P, k) / C(N, k) for a local pool of N with P positives
+    (`uniir_lite.metrics.chance_recall`)."""
+    from uniir_lite.metrics import chance_recall
+
+    return {d.pair.name: chance_recall(d) for d in data}

@@ -19,6 +19,7 @@ from uniir_lite.data.mbeir import (
     InstructionKey,
     PathLike,
     format_string,
+    instructions_path,
     read_instructions,
 )
 
@@ -36,6 +37,11 @@ class InstructionTable:
     def from_tsv(cls, path: PathLike) -> InstructionTable:
         """Read the table with UniIR's rules (see `read_instructions`)."""
         return cls(read_instructions(path), str(path))
+
+    @classmethod
+    def from_root(cls, root: PathLike) -> InstructionTable:
+        """The table of the M-BEIR directory `root` (`instructions/query_instructions.tsv`)."""
+        return cls.from_tsv(instructions_path(root))
 
     def prompts(self, dataset_id: int, query_modality: str, cand_modality: str) -> list[str]:
         """The raw prompts for one (dataset, query modality, candidate modality)."""

@@ -1,4 +1,5 @@
-"""One plot and table style for every notebook, and figures saved where `make reproduce` collects them."""
+"""One plot and table style for every notebook, figures saved where `make reproduce` collects them,
+and the block diagrams of the models (BLIP's MED in notebook 02, the fusion models in notebook 06)."""
 
 from __future__ import annotations
 
@@ -48,5 +49,139 @@ def image_grid(
         if img is not None:
             ax.imshow(img)
         ax.set_title("\n".join(textwrap.wrap(title, title_width)[:7]), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Block diagrams
+# ---------------------------------------------------------------------------------------------
+
+
+def med_diagram(shared: bool = True) -> plt.Figure:
+    """BLIP's MED as boxes: the image encoder and the text transformer in its three modes, each with
+    its first token, its attention and its loss. Colours mark shared parameters. Returns the figure."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig, ax = plt.subplots(figsize=(10, 4.6))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 6.2)
+    ax.axis("off")
+    c_sa, c_sa_dec, c_ca, c_ff, c_vit = "#C6DBEF", "#FDD0A2", "#C7E9C0", "#DADAEB", "#F2F2F2"
+
+    def box(x, y, w, h, text, color, fs=8, bold=False):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.03", fc=color, ec="#444444", lw=0.8))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fs, weight="bold" if bold else None)
+
+    def arrow(x0, y0, x1, y1, color="#444444"):
+        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=9, color=color, lw=0.9))
+
+    # image encoder
+    box(0.2, 1.0, 2.0, 3.2, "image encoder\n(ViT)\n\n[CLS] + patches", c_vit, fs=9, bold=True)
+    box(0.5, 0.2, 1.4, 0.5, "image", "white")
+    arrow(1.2, 0.7, 1.2, 1.0)
+    columns = [
+        (2.8, "unimodal\ntext encoder", "[CLS] + text", "bi self-attn", c_sa, None, "ITC"),
+        (5.2, "image-grounded\ntext encoder", "[ENC] + text", "bi self-attn", c_sa, "cross-attn", "ITM"),
+        (7.6, "image-grounded\ntext decoder", "[DEC] + text", "causal self-attn", c_sa_dec, "cross-attn", "LM"),
+    ]
+    for x, title, first, sa, sa_color, ca, loss in columns:
+        ax.text(x + 1.0, 5.0, title, ha="center", va="center", fontsize=9, weight="bold")
+        box(x, 0.2, 2.0, 0.5, first, "white")
+        arrow(x + 1.0, 0.7, x + 1.0, 1.0)
+        box(x + 0.1, 1.0, 1.8, 0.8, sa, sa_color)
+        if ca:
+            box(x + 0.1, 2.0, 1.8, 0.8, ca, c_ca)
+        else:
+            ax.text(x + 1.0, 2.62, "(no image)", ha="center", va="center", fontsize=7, color="#777777")
+        box(x + 0.1, 3.0, 1.8, 0.8, "feed forward", c_ff)
+        box(x + 0.35, 4.15, 1.3, 0.45, loss, "#FFF3B0", fs=9, bold=True)
+    # image tokens into both cross-attentions, through the gaps between the boxes
+    green = "#2E7D32"
+    arrow(2.2, 2.4, 5.3, 2.4, color=green)
+    ax.plot([2.2, 7.5, 7.5], [1.9, 1.9, 2.4], color=green, lw=0.9)
+    arrow(7.5, 2.4, 7.7, 2.4, color=green)
+    ax.text(2.3, 2.15, "image tokens", fontsize=6.5, color=green)
+    arrow(2.2, 3.9, 3.25, 4.35, color="#8C6D1F")  # the image's [CLS] goes to ITC
+    ax.text(2.75, 4.55, "image\nfeature", fontsize=6.5, ha="center", color="#8C6D1F")
+    note = ("same colour = shared parameters (BLIP shares all but the decoder's self-attention)" if shared
+            else "pretrained checkpoints: the captioning model has its own copies")
+    ax.text(5.0, 5.9, "BLIP's multimodal mixture of encoder-decoder (MED)", ha="center", fontsize=10, weight="bold")
+    ax.text(5.0, 5.5, note, ha="center", fontsize=7.5, color="#555555")
+    return fig
+
+
+_FUSION_COLORS = {"image": "#DD8452", "text": "#4C72B0", "fuse": "#55A868", "out": "#8C8C8C"}
+
+
+def fusion_diagram() -> plt.Figure:
+    """Three block diagrams side by side: score fusion (CLIP_SF), CLIP_FF and BLIP_FF, from the
+    query's image and text to its embedding. Returns the matplotlib figure."""
+    from matplotlib.patches import FancyBboxPatch
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
+
+    def box(ax, x, y, text, kind, w=0.36, h=0.085):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.01",
+                                    fc=_FUSION_COLORS[kind], ec="none", alpha=0.9))
+        ax.text(x, y, text, ha="center", va="center", fontsize=7.5, color="white", weight="bold")
+        return (x, y, w, h)
+
+    def arrow(ax, a, b, label=None, style="-|>"):
+        (xa, ya, _, ha), (xb, yb, _, hb) = a, b
+        start, end = (xa, ya - ha / 2), (xb, yb + hb / 2)
+        ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle=style, color="#444444", lw=1.1))
+        if label:
+            ax.text((start[0] + end[0]) / 2 + 0.02, (start[1] + end[1]) / 2, label, fontsize=6.5, color="#444444",
+                    ha="left", va="center")
+
+    # (a) score fusion
+    ax = axes[0]
+    i0, t0 = box(ax, 0.25, 0.92, "query image", "image", w=0.3), box(ax, 0.75, 0.92, "query text", "text", w=0.3)
+    i1, t1 = box(ax, 0.25, 0.74, "CLIP ViT", "image", w=0.3), box(ax, 0.75, 0.74, "CLIP text", "text", w=0.3)
+    i2, t2 = box(ax, 0.25, 0.56, "[CLS] @ proj", "image", w=0.3), box(ax, 0.75, 0.56, "[EOT] @ proj", "text", w=0.3)
+    s = box(ax, 0.5, 0.34, "img_emb + txt_emb", "fuse", w=0.5)
+    o = box(ax, 0.5, 0.12, "normalise -> q_emb [d]", "out", w=0.5)
+    for a, b in ((i0, i1), (i1, i2), (t0, t1), (t1, t2)):
+        arrow(ax, a, b)
+    arrow(ax, i2, s, "1 vector")
+    arrow(ax, t2, s, "1 vector")
+    arrow(ax, s, o)
+    ax.set_title("score fusion (CLIP_SF, notebook 05)\nthe modalities meet only in the sum")
+
+    # (b) CLIP_FF
+    ax = axes[1]
+    i0, t0 = box(ax, 0.25, 0.92, "query image", "image", w=0.3), box(ax, 0.75, 0.92, "query text", "text", w=0.3)
+    i1, t1 = box(ax, 0.25, 0.74, "CLIP ViT, every token\nln_post @ proj", "image", w=0.34), \
+        box(ax, 0.75, 0.74, "CLIP text, every token\nln_final", "text", w=0.34)
+    c = box(ax, 0.5, 0.52, "concatenate  [L + 1 + P, d]", "fuse", w=0.6)
+    t5 = box(ax, 0.5, 0.34, "T5 encoder x 2 (self-attention\nacross both modalities)", "fuse", w=0.6, h=0.1)
+    o = box(ax, 0.5, 0.12, "mean over all tokens, normalise\n-> q_emb [d]", "out", w=0.6)
+    for a, b in ((i0, i1), (t0, t1), (c, t5), (t5, o)):
+        arrow(ax, a, b)
+    arrow(ax, i1, c, "1 + P tokens")
+    arrow(ax, t1, c, "L tokens")
+    ax.set_title("CLIP_FF\nimage and text tokens attend to each other")
+
+    # (c) BLIP_FF
+    ax = axes[2]
+    i0, t0 = box(ax, 0.25, 0.92, "query image", "image", w=0.3), box(ax, 0.75, 0.92, "[CLS] query text", "text", w=0.3)
+    i1 = box(ax, 0.25, 0.66, "BLIP ViT\n1 + P tokens", "image", w=0.3, h=0.1)
+    t1 = box(ax, 0.75, 0.52, "BERT layer x N:\nself-attn, cross-attn\nto image, FFN", "text", w=0.36, h=0.16)
+    p = box(ax, 0.75, 0.3, "pooler: tanh(W h[CLS] + b)", "fuse", w=0.46)
+    o = box(ax, 0.75, 0.12, "normalise -> q_emb [d]", "out", w=0.46)
+    arrow(ax, i0, i1)
+    arrow(ax, t0, t1)
+    arrow(ax, t1, p)
+    arrow(ax, p, o)
+    ax.annotate("", xy=(0.57, 0.52), xytext=(0.4, 0.66),
+                arrowprops=dict(arrowstyle="-|>", color=_FUSION_COLORS["image"], lw=1.6))
+    ax.text(0.36, 0.55, "keys and values\nof cross-attention", fontsize=6.5, color=_FUSION_COLORS["image"], ha="center")
+    ax.set_title("BLIP_FF\ntext tokens cross-attend to image tokens")
+
+    for ax in axes:
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0.02, 1.0)
+        ax.axis("off")
     fig.tight_layout()
     return fig

@@ -261,3 +261,13 @@ class MBEIRCollator:
             "neg_query_index": torch.tensor([row for row, _ in negs], dtype=torch.long),  # [n_neg]
             "task_id": torch.tensor([b["task_id"] for b in batch], dtype=torch.long),  # [bs]
         }
+
+
+def collator_for(model, root: PathLike) -> MBEIRCollator:
+    """The `MBEIRCollator` of a UniIR model (`uniir_lite.fusion.UniIRModel`): its tokenizer, its image
+    size, CLIP's normalisation."""
+    from uniir_lite.data.images import ImageLoader
+
+    # datasets resolve image paths against the absolute root, so the loader's join keeps them as is
+    loader = ImageLoader(Path(root).resolve(), model.image_size)
+    return MBEIRCollator(model.tokenize, loader, model.image_size)

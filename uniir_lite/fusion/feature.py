@@ -18,7 +18,7 @@ pooling:
 Both are `uniir_lite.fusion.UniIRModel`s: `encode_query(side)` / `encode_candidate(side)` take one side
 of an `MBEIRCollator` batch and return L2-normalised embeddings [bs, d]. `build_clip_ff(cfg, root)` /
 `build_blip_ff(cfg, root)` start from the towers pre-trained in notebooks 01 and 02 (the real
-pretrained weights in the `full` profile); `uniir_lite.uniir.train_or_load_uniir("clip_ff", ...)`
+pretrained weights in the `full` profile); `uniir_lite.multitask.train_or_load_uniir("clip_ff", ...)`
 trains them with UniIR's recipe.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -252,7 +251,8 @@ def build_clip_ff(cfg: Config, root: str | Path | None = None, init: str = "trai
     `pretrained` (an open_clip tag or a folder written by `save_clip_pretrained`), else notebook 01's
     CLIP (`init="trained"`; OpenAI's in the `full` profile) or a random CLIP (`init="random"`).
     The T5 mixer is new, seeded with `cfg.seed`."""
-    from uniir_lite.models.clip import ClipRecipe, build_clip, train_or_load_clip
+    from uniir_lite.models.clip import build_clip
+    from uniir_lite.recipes.clip import clip_fingerprint, train_or_load_clip
     from uniir_lite.models.tokenizers import ClipTokenizer
 
     if clip is not None:
@@ -262,7 +262,7 @@ def build_clip_ff(cfg: Config, root: str | Path | None = None, init: str = "trai
         base = str(pretrained)
     elif init == "trained":
         clip, tokenizer = train_or_load_clip(cfg, root)
-        base = "openai" if cfg.pretrained else dataclasses.asdict(ClipRecipe.from_config(cfg))
+        base = clip_fingerprint(cfg)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -287,7 +287,8 @@ def build_blip_ff(cfg: Config, root: str | Path | None = None, init: str = "trai
 
     The temperature starts at BLIP's initial 0.07, not at the value learned in notebook 02: that one
     belongs to the ITC projection space, while the pooled fused space starts from a random pooler."""
-    from uniir_lite.models.blip import build_blip, preset_name, train_or_load_blip
+    from uniir_lite.models.blip import build_blip, preset_name
+    from uniir_lite.recipes.blip import train_or_load_blip
 
     if med is not None:
         retrieval, base = med.retrieval, "given"
@@ -305,123 +306,10 @@ def build_blip_ff(cfg: Config, root: str | Path | None = None, init: str = "trai
     return model.to(cfg.device)
 
 
-def train_or_load_at_budget(kind: str, cfg: Config, root: str | Path, steps: int, instructions: bool = True,
-                            policy: str = "random", **overrides: Any):
-    """(model in eval mode, training log) of `kind` trained with UniIR's recipe (`uniir.train_uniir`)
-    for exactly `steps` steps: the equal-budget comparison of notebook 06.
-
-    The checkpoint goes to its own folder, `<setting>-<steps>steps`, so that the same setting trained
-    at another budget (e.g. notebook 05's CLIP_SF, saved by `train_or_load_uniir`) is never
-    overwritten; that one is reused when its recipe happens to be equal."""
-    import json
-
-    import pandas as pd
-
-    from uniir_lite.checkpoints import has_checkpoint, load_checkpoint
-    from uniir_lite.fusion import build_uniir
-    from uniir_lite.uniir import UniIRRecipe, checkpoint_path, train_uniir
-
-    model = build_uniir(kind, cfg, root)
-    recipe = UniIRRecipe.from_config(cfg, kind, instructions, policy, steps=steps, **overrides)
-    recipe = dataclasses.replace(recipe, model=dict(model.recipe))
-    wanted = json.loads(json.dumps(dataclasses.asdict(recipe)))
-    name = f"{recipe.setting}-{steps}steps"
-    for directory in (checkpoint_path(cfg, recipe, name), checkpoint_path(cfg, recipe)):
-        if has_checkpoint(directory):
-            state, saved = load_checkpoint(directory)
-            if saved.get("complete") and saved.get("recipe") == wanted:
-                model.load_state_dict(state)
-                return model.to(cfg.device).eval(), pd.DataFrame(saved.get("log", []))
-    log = train_uniir(model, cfg, root, recipe=recipe, checkpoint_name=name)
-    return model.eval(), log
-
-
 def count_parameters(model: nn.Module, prefix: str | None = None) -> int:
     """Number of parameters (of those whose name starts with `prefix`, if given)."""
     return sum(p.numel() for n, p in model.named_parameters() if prefix is None or n.startswith(prefix))
 
 
-# ---------------------------------------------------------------------------------------------
-# Diagram (notebook 06)
-# ---------------------------------------------------------------------------------------------
-
-_COLORS = {"image": "#DD8452", "text": "#4C72B0", "fuse": "#55A868", "out": "#8C8C8C"}
-
-
-def fusion_diagram():
-    """Three block diagrams side by side: score fusion (CLIP_SF), CLIP_FF and BLIP_FF, from the
-    query's image and text to its embedding. Returns the matplotlib figure."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyBboxPatch
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
-
-    def box(ax, x, y, text, kind, w=0.36, h=0.085):
-        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.01",
-                                    fc=_COLORS[kind], ec="none", alpha=0.9))
-        ax.text(x, y, text, ha="center", va="center", fontsize=7.5, color="white", weight="bold")
-        return (x, y, w, h)
-
-    def arrow(ax, a, b, label=None, style="-|>"):
-        (xa, ya, _, ha), (xb, yb, _, hb) = a, b
-        start, end = (xa, ya - ha / 2), (xb, yb + hb / 2)
-        ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle=style, color="#444444", lw=1.1))
-        if label:
-            ax.text((start[0] + end[0]) / 2 + 0.02, (start[1] + end[1]) / 2, label, fontsize=6.5, color="#444444",
-                    ha="left", va="center")
-
-    # (a) score fusion
-    ax = axes[0]
-    i0, t0 = box(ax, 0.25, 0.92, "query image", "image", w=0.3), box(ax, 0.75, 0.92, "query text", "text", w=0.3)
-    i1, t1 = box(ax, 0.25, 0.74, "CLIP ViT", "image", w=0.3), box(ax, 0.75, 0.74, "CLIP text", "text", w=0.3)
-    i2, t2 = box(ax, 0.25, 0.56, "[CLS] @ proj", "image", w=0.3), box(ax, 0.75, 0.56, "[EOT] @ proj", "text", w=0.3)
-    s = box(ax, 0.5, 0.34, "img_emb + txt_emb", "fuse", w=0.5)
-    o = box(ax, 0.5, 0.12, "normalise -> q_emb [d]", "out", w=0.5)
-    for a, b in ((i0, i1), (i1, i2), (t0, t1), (t1, t2)):
-        arrow(ax, a, b)
-    arrow(ax, i2, s, "1 vector")
-    arrow(ax, t2, s, "1 vector")
-    arrow(ax, s, o)
-    ax.set_title("score fusion (CLIP_SF, notebook 05)\nthe modalities meet only in the sum")
-
-    # (b) CLIP_FF
-    ax = axes[1]
-    i0, t0 = box(ax, 0.25, 0.92, "query image", "image", w=0.3), box(ax, 0.75, 0.92, "query text", "text", w=0.3)
-    i1, t1 = box(ax, 0.25, 0.74, "CLIP ViT, every token\nln_post @ proj", "image", w=0.34), \
-        box(ax, 0.75, 0.74, "CLIP text, every token\nln_final", "text", w=0.34)
-    c = box(ax, 0.5, 0.52, "concatenate  [L + 1 + P, d]", "fuse", w=0.6)
-    t5 = box(ax, 0.5, 0.34, "T5 encoder x 2 (self-attention\nacross both modalities)", "fuse", w=0.6, h=0.1)
-    o = box(ax, 0.5, 0.12, "mean over all tokens, normalise\n-> q_emb [d]", "out", w=0.6)
-    for a, b in ((i0, i1), (t0, t1), (c, t5), (t5, o)):
-        arrow(ax, a, b)
-    arrow(ax, i1, c, "1 + P tokens")
-    arrow(ax, t1, c, "L tokens")
-    ax.set_title("CLIP_FF\nimage and text tokens attend to each other")
-
-    # (c) BLIP_FF
-    ax = axes[2]
-    i0, t0 = box(ax, 0.25, 0.92, "query image", "image", w=0.3), box(ax, 0.75, 0.92, "[CLS] query text", "text", w=0.3)
-    i1 = box(ax, 0.25, 0.66, "BLIP ViT\n1 + P tokens", "image", w=0.3, h=0.1)
-    t1 = box(ax, 0.75, 0.52, "BERT layer x N:\nself-attn, cross-attn\nto image, FFN", "text", w=0.36, h=0.16)
-    p = box(ax, 0.75, 0.3, "pooler: tanh(W h[CLS] + b)", "fuse", w=0.46)
-    o = box(ax, 0.75, 0.12, "normalise -> q_emb [d]", "out", w=0.46)
-    arrow(ax, i0, i1)
-    arrow(ax, t0, t1)
-    arrow(ax, t1, p)
-    arrow(ax, p, o)
-    ax.annotate("", xy=(0.57, 0.52), xytext=(0.4, 0.66),
-                arrowprops=dict(arrowstyle="-|>", color=_COLORS["image"], lw=1.6))
-    ax.text(0.36, 0.55, "keys and values\nof cross-attention", fontsize=6.5, color=_COLORS["image"], ha="center")
-    ax.set_title("BLIP_FF\ntext tokens cross-attend to image tokens")
-
-    for ax in axes:
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0.02, 1.0)
-        ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
 __all__ = ["BLIP_FF_MAX_LEN", "BlipFF", "ClipFF", "T5_LR_MULTIPLIER", "TINY_MOMENTUM", "blip_pooler", "build_blip_ff",
-           "build_clip_ff", "build_t5_mixer", "count_parameters", "fusion_diagram", "t5_config",
-           "train_or_load_at_budget"]
+           "build_clip_ff", "build_t5_mixer", "count_parameters", "t5_config"]

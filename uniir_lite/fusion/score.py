@@ -214,11 +214,12 @@ class BlipSF(ScoreFusionModel):
 def build_clip_sf(cfg: Config, root: str | Path, init: str = "trained", fusion_weights: bool = False) -> ClipSF:
     """CLIP_SF starting from notebook 01's CLIP (`init="trained"`; OpenAI's in the `full` profile) or
     from a random CLIP of the same shape (`init="random"`)."""
-    from uniir_lite.models.clip import ClipRecipe, build_clip, train_or_load_clip
+    from uniir_lite.models.clip import build_clip
+    from uniir_lite.recipes.clip import clip_fingerprint, train_or_load_clip
 
     if init == "trained":
         clip, tokenizer = train_or_load_clip(cfg, root)
-        base: Any = "openai" if cfg.pretrained else dataclasses.asdict(ClipRecipe.from_config(cfg))
+        base: Any = clip_fingerprint(cfg)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -232,7 +233,8 @@ def build_clip_sf(cfg: Config, root: str | Path, init: str = "trained", fusion_w
 def build_blip_sf(cfg: Config, root: str | Path, init: str = "trained", fusion_weights: bool = False) -> BlipSF:
     """BLIP_SF starting from notebook 02's BLIP (`init="trained"`; Salesforce's in the `full` profile)
     or from a random BLIP of the same shape (`init="random"`)."""
-    from uniir_lite.models.blip import build_blip, preset_name, train_or_load_blip
+    from uniir_lite.models.blip import build_blip, preset_name
+    from uniir_lite.recipes.blip import train_or_load_blip
 
     if init == "trained":
         med, _ = train_or_load_blip(cfg, root)

@@ -6,7 +6,7 @@ recipe and beside the hardware's matmul rate, in one run on one device.
 `{name, unit, better, kit, uniir_recipe, limit, ratio_vs_recipe, fraction_of_limit, note, details}`:
 
 - `kit`: the kit's default path, called through the kit's own code (`encode_image`/`encode_text`
-  of a `build_clip` model as `encode_images` and `uniir.embed_dataset` run it, `train.fit`,
+  of a `build_clip` model as `encode_images` and `evaluation.embed_dataset` run it, `train.fit`,
   `retrieval.search`); `uniir_recipe`: UniIR's settings measured in the same run (fp32 weights
   under fp16 autocast, batch 2048 for embedding; fp16 autocast + GradScaler + plain AdamW for
   training; fp32 flat search). fp16 autocast is CUDA-only: on CPU the recipe runs in fp32 and the
@@ -420,7 +420,7 @@ def train_batch(model, batch: int, device: torch.device, seed: int = 0) -> dict:
 def _train_loop(model, batch: dict, setting: TrainSetting, steps: int, device: torch.device) -> Callable[[], float]:
     """A closure running `steps` optimizer steps with `setting`; returns the last loss."""
     from uniir_lite.train import param_groups
-    from uniir_lite.uniir import inbatch_loss_fn
+    from uniir_lite.multitask import inbatch_loss_fn
 
     model.train()
     model.clip.set_grad_checkpointing(setting.grad_checkpointing)
@@ -449,7 +449,7 @@ def _train_loop(model, batch: dict, setting: TrainSetting, steps: int, device: t
 def _fit_runner(model, batch: dict, steps: int, device: torch.device) -> Callable[[], float]:
     """The kit's trainer as the notebooks call it (`precision="bf16"`, as the gpu and full profiles)."""
     from uniir_lite.train import TrainConfig, fit
-    from uniir_lite.uniir import inbatch_loss_fn
+    from uniir_lite.multitask import inbatch_loss_fn
 
     def run() -> float:
         log = fit(model, inbatch_loss_fn, itertools.repeat(batch), TrainConfig(

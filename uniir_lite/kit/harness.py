@@ -96,10 +96,7 @@ class NotebookResult:
             "status": self.status,
             "error": self.error,
             "output": str(self.output) if self.output else None,
-            "metrics": {
-                c.name: {"value": c.value, "expected": c.expected, "tolerance": c.tolerance, "check": c.check, "ok": c.ok}
-                for c in self.checks
-            },
+            "metrics": {c.name: c.to_json() for c in self.checks},
         }
 
 

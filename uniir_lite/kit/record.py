@@ -8,7 +8,8 @@ An expectation is one of
     {"min": a}                      measured >= a   (e.g. "trained recall beats chance by a margin")
     {"max": b}                      measured <= b
     {"min_gain_over": "other", "min": g}   measured - measured["other"] >= g   (a lesson's margin, e.g.
-                                    trained beats untrained by g, computed from two recorded keys)
+                                    trained beats untrained by g, computed from two recorded keys;
+                                    with "max": h also <= h, e.g. "within 0.02 of chance")
 Keys starting with "_" are comments. Recorded metrics without an expectation are kept in the
 metrics file but left out of the report and the notebook's table.
 """
@@ -36,10 +37,20 @@ class MetricCheck:
     ok: bool | None  # None: recorded but not checked
     over: str | None = None  # "gain": the metric the gain is measured over
     base: float | None = None  # "gain": that metric's recorded value
+    upper: float | None = None  # "gain": the largest gain allowed (None: no upper bound)
+
+    def to_json(self) -> dict[str, Any]:
+        """The check as a report records it (all fields but the name; `MetricCheck(name, **it)` reads it back)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
 
     def describe_expected(self) -> str:
         if self.check == "gain":
-            return f">= {self.over} + {_fmt(self.expected)}"
+            if self.upper is None:
+                sign = "-" if self.expected < 0 else "+"
+                return f">= {self.over} {sign} {_fmt(abs(self.expected))}"
+            if self.upper == -self.expected:
+                return f"{self.over} ± {_fmt(self.upper)}"
+            return f"{self.over} + {_fmt(self.expected)} to {_fmt(self.upper)}"
         if self.check == "abs":
             return f"{_fmt(self.expected)} ± {_fmt(self.tolerance)}"
         if self.check == "min":
@@ -81,7 +92,7 @@ def load_expected(path: Path | str) -> dict[str, dict[str, dict[str, float]]]:
             ) or ("min_gain_over" in spec and "min" not in spec):
                 raise ValueError(
                     f"{path}: {notebook}/{name}: expected {{'value', 'tolerance'}}, {{'min'}}, {{'max'}} or "
-                    f"{{'min_gain_over', 'min'}}, got {spec!r}"
+                    f"{{'min_gain_over', 'min'[, 'max']}}, got {spec!r}"
                 )
             out[notebook][name] = spec
     return out
@@ -95,8 +106,10 @@ def compare_metrics(measured: Mapping[str, float], expected: Mapping[str, Mappin
         if "min_gain_over" in spec:
             over = spec["min_gain_over"]
             base = measured.get(over)
-            ok = _is_number(value) and _is_number(base) and value - base >= spec["min"] - 1e-12
-            checks.append(MetricCheck(name, value, spec["min"], None, "gain", bool(ok), over, base))
+            upper = spec.get("max")
+            ok = (_is_number(value) and _is_number(base) and value - base >= spec["min"] - 1e-12
+                  and (upper is None or value - base <= upper + 1e-12))
+            checks.append(MetricCheck(name, value, spec["min"], None, "gain", bool(ok), over, base, upper))
             continue
         if "min" in spec:
             kind, bound, tol = "min", spec["min"], None

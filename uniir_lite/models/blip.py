@@ -18,7 +18,6 @@ vision tower and, as BLIP does, every text parameter except the self-attention l
 from __future__ import annotations
 
 import copy
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -45,7 +44,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": {"width": 768, "layers": 12, "heads": 12, "mlp": 3072, "patch": 16, "init_std": 0.02},
 }
 HEADS = ("retrieval", "captioning", "med")
-CHECKPOINT_NAME = "02_blip"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,74 +413,6 @@ class CaptionData:
                 yield self.batch(order[start:start + batch_size])
 
 
-def itm_hardness(cfg) -> float:
-    """The `hardness` of the ITM's negatives: BLIP's in-batch hard negatives (1) with real-size towers,
-    random in-batch negatives (0) with the tiny ones. Trained from scratch for a CPU budget, the tiny ITM
-    cannot tell ITC's look-alike negatives from the positives: fed those, it answers the share of
-    positives in its batch (1/3) for every pair and rejects nothing. Random negatives it learns to
-    reject. Taught in notebook 02."""
-    return 0.0 if preset_name(cfg) == "tiny" else 1.0
-
-
-def train_config(cfg, steps: int | None = None):
-    """BLIP's pre-training optimiser (AdamW, weight decay 0.05, cosine) at a learning rate for tiny towers."""
-    from uniir_lite.train import TrainConfig
-
-    lr = 2e-3 if preset_name(cfg) == "tiny" else 3e-4
-    steps = steps or cfg.max_steps
-    return TrainConfig(max_steps=steps, lr=lr, weight_decay=0.05, betas=(0.9, 0.999), warmup_steps=max(1, steps // 20),
-                       precision=cfg.precision, log_every=10, progress=False)
-
-
-def use_shortlist(cfg) -> bool:
-    """The LM scores a vocabulary shortlist with tiny towers (CPU), the whole vocabulary otherwise."""
-    return preset_name(cfg) == "tiny"
-
-
-def train_or_load_blip(cfg, root: str | Path, steps: int | None = None, force: bool = False,
-                       hardness: float | None = None):
-    """The trained MED of notebook 02, loaded from `cfg.checkpoint_dir / "02_blip"` if present, else
-    trained on the synthetic image–caption pairs (ITC + ITM + LM) and saved. Returns `(model, log)`,
-    the training log as a DataFrame (kept in the checkpoint). `steps` and the ITM negatives' `hardness`
-    default to `cfg.max_steps` and `itm_hardness(cfg)`. In the `full` profile: the pretrained
-    Salesforce models and an empty log."""
-    import pandas as pd
-
-    from uniir_lite.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
-    from uniir_lite.data.images import ImageLoader
-    from uniir_lite.data.pairs import image_caption_pairs
-    from uniir_lite.train import fit
-
-    if cfg.pretrained:
-        return build_blip(cfg, head="med").to(cfg.device), pd.DataFrame()
-    directory = Path(cfg.checkpoint_dir) / CHECKPOINT_NAME
-    tcfg = train_config(cfg, steps)
-    hardness = itm_hardness(cfg) if hardness is None else float(hardness)
-    recipe = {"preset": preset_name(cfg), "patch": PRESETS[preset_name(cfg)]["patch"], "image_size": cfg.image_size,
-              "embed_dim": cfg.embed_dim, "seed": cfg.seed, "steps": tcfg.max_steps, "batch_size": cfg.batch_size,
-              "lr": tcfg.lr, "shortlist": use_shortlist(cfg), "itm_hardness": hardness}
-    if has_checkpoint(directory) and not force:
-        state, saved = load_checkpoint(directory)
-        if saved.get("recipe") == recipe:
-            model = build_blip(cfg, head="med")
-            model.load_state_dict(state)
-            if saved.get("lm_shortlist") is not None:
-                model.lm_shortlist = torch.tensor(saved["lm_shortlist"])
-            return model.to(cfg.device).eval(), pd.DataFrame(saved["log"])
-    model = build_blip(cfg, head="med")
-    data = CaptionData(image_caption_pairs(root, "train"), ImageLoader(root, cfg.image_size))
-    model.lm_shortlist = caption_shortlist(data.input_ids) if recipe["shortlist"] else None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        log = fit(model, lambda m, b: blip_loss(m, b, generator, hardness), data.batches(cfg.batch_size, cfg.seed),
-                  tcfg, cfg.device)
-    shortlist = None if model.lm_shortlist is None else model.lm_shortlist.tolist()
-    save_checkpoint(directory, model, {"recipe": recipe, "lm_shortlist": shortlist,
-                                       "log": log.to_dict(orient="records")})
-    return model.eval(), log
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation helpers: embeddings, re-ranking, attribute words, caption corruption
 # ---------------------------------------------------------------------------------------------
@@ -528,7 +458,8 @@ def corrupt_caption(caption: str, rng: np.random.Generator, other_captions: Sequ
     """A noisy version of `caption`: `"colour"` swaps every colour word for another colour, `"shape"`
     every shape (or garment) word for another one, `"random"` takes another image's caption. Articles are
     fixed ("an orange" -> "a blue") so grammar gives nothing away. Taught in notebook 02 (CapFilt)."""
-    from uniir_lite.data.synthetic_content import COLOURS, GARMENTS, SHAPE_SYNONYMS, SHAPES, article, plural
+    from uniir_lite.data.synthetic.scenes import COLOURS, GARMENTS, SHAPES
+    from uniir_lite.data.synthetic.texts import SHAPE_SYNONYMS, article, plural
 
     if kind == "random":
         return str(other_captions[rng.integers(len(other_captions))])
@@ -554,62 +485,3 @@ def corrupt_caption(caption: str, rng: np.random.Generator, other_captions: Sequ
                 tokens[last_word] = fixed.capitalize() if tokens[last_word][0].isupper() else fixed
         last_word = i
     return "".join(tokens)
-
-
-# ---------------------------------------------------------------------------------------------
-# The MED diagram
-# ---------------------------------------------------------------------------------------------
-
-
-def draw_med(shared: bool = True):
-    """BLIP's MED as boxes: the image encoder and the text transformer in its three modes, each with
-    its first token, its attention and its loss. Colours mark shared parameters. Returns the figure."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
-
-    fig, ax = plt.subplots(figsize=(10, 4.6))
-    ax.set_xlim(0, 10)
-    ax.set_ylim(0, 6.2)
-    ax.axis("off")
-    c_sa, c_sa_dec, c_ca, c_ff, c_vit = "#C6DBEF", "#FDD0A2", "#C7E9C0", "#DADAEB", "#F2F2F2"
-
-    def box(x, y, w, h, text, color, fs=8, bold=False):
-        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.03", fc=color, ec="#444444", lw=0.8))
-        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fs, weight="bold" if bold else None)
-
-    def arrow(x0, y0, x1, y1, color="#444444"):
-        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=9, color=color, lw=0.9))
-
-    # image encoder
-    box(0.2, 1.0, 2.0, 3.2, "image encoder\n(ViT)\n\n[CLS] + patches", c_vit, fs=9, bold=True)
-    box(0.5, 0.2, 1.4, 0.5, "image", "white")
-    arrow(1.2, 0.7, 1.2, 1.0)
-    columns = [
-        (2.8, "unimodal\ntext encoder", "[CLS] + text", "bi self-attn", c_sa, None, "ITC"),
-        (5.2, "image-grounded\ntext encoder", "[ENC] + text", "bi self-attn", c_sa, "cross-attn", "ITM"),
-        (7.6, "image-grounded\ntext decoder", "[DEC] + text", "causal self-attn", c_sa_dec, "cross-attn", "LM"),
-    ]
-    for x, title, first, sa, sa_color, ca, loss in columns:
-        ax.text(x + 1.0, 5.0, title, ha="center", va="center", fontsize=9, weight="bold")
-        box(x, 0.2, 2.0, 0.5, first, "white")
-        arrow(x + 1.0, 0.7, x + 1.0, 1.0)
-        box(x + 0.1, 1.0, 1.8, 0.8, sa, sa_color)
-        if ca:
-            box(x + 0.1, 2.0, 1.8, 0.8, ca, c_ca)
-        else:
-            ax.text(x + 1.0, 2.62, "(no image)", ha="center", va="center", fontsize=7, color="#777777")
-        box(x + 0.1, 3.0, 1.8, 0.8, "feed forward", c_ff)
-        box(x + 0.35, 4.15, 1.3, 0.45, loss, "#FFF3B0", fs=9, bold=True)
-    # image tokens into both cross-attentions, through the gaps between the boxes
-    green = "#2E7D32"
-    arrow(2.2, 2.4, 5.3, 2.4, color=green)
-    ax.plot([2.2, 7.5, 7.5], [1.9, 1.9, 2.4], color=green, lw=0.9)
-    arrow(7.5, 2.4, 7.7, 2.4, color=green)
-    ax.text(2.3, 2.15, "image tokens", fontsize=6.5, color=green)
-    arrow(2.2, 3.9, 3.25, 4.35, color="#8C6D1F")  # the image's [CLS] goes to ITC
-    ax.text(2.75, 4.55, "image\nfeature", fontsize=6.5, ha="center", color="#8C6D1F")
-    note = ("same colour = shared parameters (BLIP shares all but the decoder's self-attention)" if shared
-            else "pretrained checkpoints: the captioning model has its own copies")
-    ax.text(5.0, 5.9, "BLIP's multimodal mixture of encoder-decoder (MED)", ha="center", fontsize=10, weight="bold")
-    ax.text(5.0, 5.5, note, ha="center", fontsize=7.5, color="#555555")
-    return fig

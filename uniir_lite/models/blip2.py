@@ -1,26 +1,19 @@
-"""BLIP-2's Q-Former, written out to be read, and the transformers classes it corresponds to.
+"""BLIP-2's two stages over the Q-Former: the stage-1 heads and losses, and stage 2's soft prompts into
+a frozen language model.
 
 Taught in notebook 03 (notebook 04 builds InstructBLIP on it). BLIP-2 (Li et al., 2023,
-https://arxiv.org/abs/2301.12597) connects a FROZEN image encoder to a FROZEN language model with a
-small transformer, the Q-Former: a fixed set of learned query tokens read the image through
-cross-attention, and share their self-attention layers with a text transformer. Which tokens may see
-which is set by one attention mask per objective:
-
-- ITC (image-text contrastive): `itc_mask`, queries and text do not see each other;
-- ITG (image-grounded text generation): `itg_mask`, text sees the queries and the text before it;
-- ITM (image-text matching): `itm_mask`, everything sees everything.
+https://arxiv.org/abs/2301.12597) trains the Q-Former (`uniir_lite.models.qformer`: its attention
+masks and the model from scratch, checked against transformers) in two stages between a frozen image
+encoder and a frozen language model.
 
 What is here:
-- `QFormerConfig`, `QFormer` (from scratch, the layer structure and parameter roles of
-  transformers' `Blip2QFormerModel`), `to_transformers_qformer` (copy the weights across) and
-  `max_abs_diff_vs_transformers` (the check that both compute the same thing);
 - `Blip2Stage1`: the Q-Former with BLIP-2's stage-1 heads, and the three losses `itc_loss`,
   `itm_loss`, `itg_loss` (`stage1_loss` for `uniir_lite.train.fit`);
 - `Blip2Captioner`: stage 2, query outputs projected into a frozen causal LM as soft prompts;
 - `CaptionTokenizer`: bert-base-uncased WordPiece restricted to the tokens the captions use;
 - `FrozenImageEncoder`: the token features of the notebook-01 CLIP's vision tower;
-- train-or-load: `train_or_load_qformer`, `train_or_load_caption_lm`, `train_or_load_captioner`
-  (checkpoints under `cfg.checkpoint_dir / "03_blip2_qformer"`);
+- `QFormerCaptionData` / `caption_data`: a split's image-caption pairs over frozen image features
+  (training the stages is in `uniir_lite.recipes.blip2`);
 - the `full` profile: `load_pretrained_retrieval` (`Blip2ForImageTextRetrieval`, Salesforce weights)
   and `pretrained_retrieval_scores`.
 """
@@ -28,292 +21,19 @@ What is here:
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniir_lite.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
-from uniir_lite.config import Config
+from uniir_lite.models.qformer import QFormer, QFormerConfig, init_bert
 
-CHECKPOINT_NAME = "03_blip2_qformer"
+
 PRETRAINED_RETRIEVAL = "Salesforce/blip2-itm-vit-g"
 INIT_TEMP = 0.07  # BLIP-2's initial ITC temperature (learned, clamped to [0.001, 0.5])
 LABEL_SMOOTHING = 0.1  # BLIP-2 smooths the ITC and ITG targets
-
-
-# ---------------------------------------------------------------------------------------------
-# The three attention masks. mask[i, j] is True when position i may attend to position j; the
-# sequence is [queries (Lq) | text (Lt)].
-# ---------------------------------------------------------------------------------------------
-
-
-def itc_mask(num_query: int, num_text: int) -> torch.Tensor:
-    """[Lq+Lt, Lq+Lt] unimodal mask (ITC): queries see queries, text sees text, never each other."""
-    is_query = torch.arange(num_query + num_text) < num_query  # [L]
-    return is_query[:, None] == is_query[None, :]
-
-
-def itg_mask(num_query: int, num_text: int) -> torch.Tensor:
-    """[Lq+Lt, Lq+Lt] multimodal causal mask (ITG): queries see queries only (they must not read the
-    caption they help generate); text sees every query and the text up to itself."""
-    n = num_query + num_text
-    mask = torch.ones(n, n).tril().bool()  # causal everywhere ...
-    mask[:, :num_query] = True  # ... every position sees every query ...
-    mask[:num_query, num_query:] = False  # ... and queries see no text
-    return mask
-
-
-def itm_mask(num_query: int, num_text: int) -> torch.Tensor:
-    """[Lq+Lt, Lq+Lt] bidirectional mask (ITM): all tokens see all tokens."""
-    n = num_query + num_text
-    return torch.ones(n, n, dtype=torch.bool)
-
-
-MASKS = {"itc": itc_mask, "itg": itg_mask, "itm": itm_mask}
-
-
-def with_padding(mask: torch.Tensor, num_query: int, text_mask: torch.Tensor | None) -> torch.Tensor:
-    """[B, L, L]: `mask` [L, L] with padded text tokens hidden as keys (`text_mask` [B, Lt], 1 = real)."""
-    if text_mask is None:
-        return mask[None]
-    keys = torch.cat([torch.ones(text_mask.shape[0], num_query, dtype=torch.bool, device=text_mask.device),
-                      text_mask.bool()], dim=1)  # [B, L]
-    return mask.to(text_mask.device)[None] & keys[:, None, :]
-
-
-# ---------------------------------------------------------------------------------------------
-# The Q-Former, from scratch. BERT-style post-LayerNorm blocks; parameter names follow the roles of
-# transformers' Blip2QFormerModel so the copy in `to_transformers_qformer` reads one to one.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class QFormerConfig:
-    vocab_size: int
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
-    num_query_tokens: int = 8
-    cross_attention_frequency: int = 1  # BLIP-2: 2 (every other layer reads the image)
-    encoder_hidden_size: int = 64  # width of the frozen image encoder's tokens
-    max_position_embeddings: int = 64
-    embed_dim: int = 64  # ITC projection
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
-    initializer_range: float = 0.02  # std of the normal init (BERT: 0.02 at width 768)
-
-
-class Attention(nn.Module):
-    """Multi-head attention followed by BERT's residual + LayerNorm: norm(x + W_o softmax(QK^T/sqrt(d)) V)."""
-
-    def __init__(self, hidden: int, kv_width: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, hidden // num_heads
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(kv_width, hidden)
-        self.value = nn.Linear(kv_width, hidden)
-        self.out = nn.Linear(hidden, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, Lx, H] attends to context [B, Lc, W]; mask [B or 1, Lx, Lc] (True = may attend)."""
-        B, Lx, _ = x.shape
-        split = lambda t: t.view(B, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.query(x)), split(self.key(context)), split(self.value(context))  # [B, h, L, d]
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # [B, h, Lx, Lc]
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, None], float("-inf"))
-        attended = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, Lx, -1)  # [B, Lx, H]
-        return self.norm(x + self.out(attended))
-
-
-class FeedForward(nn.Module):
-    """BERT's feed-forward block: norm(x + W_2 gelu(W_1 x))."""
-
-    def __init__(self, hidden: int, intermediate: int, eps: float):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden, intermediate)
-        self.fc2 = nn.Linear(intermediate, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.fc2(F.gelu(self.fc1(x))))
-
-
-class QFormerLayer(nn.Module):
-    """One Q-Former layer: self-attention SHARED by queries and text; cross-attention to the image for
-    the queries only (in layers where `has_cross_attention`); a feed-forward block for each."""
-
-    def __init__(self, c: QFormerConfig, has_cross_attention: bool):
-        super().__init__()
-        self.self_attn = Attention(c.hidden_size, c.hidden_size, c.num_heads, c.layer_norm_eps)
-        self.cross_attn = (Attention(c.hidden_size, c.encoder_hidden_size, c.num_heads, c.layer_norm_eps)
-                           if has_cross_attention else None)
-        self.ffn_query = FeedForward(c.hidden_size, c.intermediate_size, c.layer_norm_eps)
-        self.ffn_text = FeedForward(c.hidden_size, c.intermediate_size, c.layer_norm_eps)
-
-    def forward(self, h: torch.Tensor, num_query: int, image_embeds: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        h = self.self_attn(h, h, mask)  # [B, Lq+Lt, H]: who sees whom is the mask's business
-        queries, text = h[:, :num_query], h[:, num_query:]  # [B, Lq, H], [B, Lt, H]
-        if num_query and self.cross_attn is not None:
-            queries = self.cross_attn(queries, image_embeds)  # only the queries read the image
-        return torch.cat([self.ffn_query(queries), self.ffn_text(text)], dim=1)  # [B, Lq+Lt, H]
-
-
-class QFormer(nn.Module):
-    """Learned queries + a BERT text encoder sharing self-attention layers; queries cross-attend to
-    frozen image features. `forward` runs queries only, text only, or both under one of the masks."""
-
-    def __init__(self, c: QFormerConfig):
-        super().__init__()
-        self.config = c
-        self.query_tokens = nn.Parameter(torch.randn(1, c.num_query_tokens, c.hidden_size) * c.initializer_range)  # [1, Lq, H]
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
-        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # on the input embeddings, as BERT
-        self.layers = nn.ModuleList(
-            [QFormerLayer(c, has_cross_attention=i % c.cross_attention_frequency == 0) for i in range(c.num_layers)]
-        )
-        self.apply(lambda m: _init_bert(m, c.initializer_range))
-
-    def embed(self, batch_size: int, input_ids: torch.Tensor | None = None, with_queries: bool = True) -> torch.Tensor:
-        """[B, Lq+Lt, H]: the query tokens, then word + position embeddings of the text (before the norm)."""
-        parts = [self.query_tokens.expand(batch_size, -1, -1)] if with_queries else []
-        if input_ids is not None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # text positions start at 0
-            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))
-        return torch.cat(parts, dim=1)
-
-    def forward(
-        self,
-        image_embeds: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        mask: str | torch.Tensor = "itm",
-    ) -> torch.Tensor:
-        """Hidden states [B, Lq+Lt, H].
-
-        image_embeds [B, N, W] (None: text only, no queries); input_ids [B, Lt] (None: queries only);
-        text_mask [B, Lt] (1 = real token); mask: "itc", "itg", "itm" or a boolean [L, L] tensor.
-        """
-        with_queries = image_embeds is not None
-        batch_size = (image_embeds if with_queries else input_ids).shape[0]
-        num_query = self.config.num_query_tokens if with_queries else 0
-        num_text = 0 if input_ids is None else input_ids.shape[1]
-        if isinstance(mask, str):
-            mask = MASKS[mask](num_query, num_text)
-        mask = with_padding(mask.to(self.query_tokens.device), num_query, text_mask)  # [B or 1, L, L]
-        h = self.norm(self.embed(batch_size, input_ids, with_queries))  # [B, L, H]
-        for layer in self.layers:
-            h = layer(h, num_query, image_embeds, mask)
-        return h
-
-
-def _init_bert(module: nn.Module, std: float = 0.02) -> None:
-    """BERT's initialisation: normal(0, std) weights, zero biases, unit LayerNorm."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-# ---------------------------------------------------------------------------------------------
-# The same model in transformers
-# ---------------------------------------------------------------------------------------------
-
-
-def transformers_qformer_config(c: QFormerConfig):
-    """The `Blip2QFormerConfig` of a `QFormerConfig` (dropout off, so outputs can be compared)."""
-    from transformers import Blip2QFormerConfig
-
-    return Blip2QFormerConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size, hidden_act="gelu",
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=c.max_position_embeddings,
-        layer_norm_eps=c.layer_norm_eps, pad_token_id=c.pad_token_id,
-        cross_attention_frequency=c.cross_attention_frequency, encoder_hidden_size=c.encoder_hidden_size,
-        use_qformer_text_input=True,
-    )
-
-
-def _copy_attention(ours: Attention, theirs) -> None:
-    """Ours -> transformers' Blip2QFormerAttention (`.attention.{query,key,value}`, `.output.{dense,LayerNorm}`)."""
-    for a, b in [(ours.query, theirs.attention.query), (ours.key, theirs.attention.key),
-                 (ours.value, theirs.attention.value), (ours.out, theirs.output.dense), (ours.norm, theirs.output.LayerNorm)]:
-        b.load_state_dict(a.state_dict())
-
-
-def _copy_ffn(ours: FeedForward, intermediate, output) -> None:
-    intermediate.dense.load_state_dict(ours.fc1.state_dict())
-    output.dense.load_state_dict(ours.fc2.state_dict())
-    output.LayerNorm.load_state_dict(ours.norm.state_dict())
-
-
-@torch.no_grad()
-def to_transformers_qformer(qformer: QFormer):
-    """A transformers `Blip2QFormerModel` holding the weights of our `qformer` (eval mode, fp32).
-
-    transformers splits the Q-Former in two: `Blip2QFormerModel` starts at the input LayerNorm and
-    takes the embeddings as `query_embeds`; the embeddings live in the parent model. So the input is
-    `qformer.embed(...)` on both sides.
-    """
-    from transformers import Blip2QFormerModel
-
-    theirs = Blip2QFormerModel(transformers_qformer_config(qformer.config)).eval()
-    theirs.layernorm.load_state_dict(qformer.norm.state_dict())
-    for ours, layer in zip(qformer.layers, theirs.encoder.layer):
-        _copy_attention(ours.self_attn, layer.attention)
-        if ours.cross_attn is not None:
-            _copy_attention(ours.cross_attn, layer.crossattention)
-        _copy_ffn(ours.ffn_query, layer.intermediate_query, layer.output_query)
-        _copy_ffn(ours.ffn_text, layer.intermediate, layer.output)
-    return theirs
-
-
-@torch.no_grad()
-def transformers_qformer_forward(theirs, qformer: QFormer, image_embeds: torch.Tensor, input_ids: torch.Tensor | None = None,
-                                 text_mask: torch.Tensor | None = None, mask: str = "itm") -> torch.Tensor:
-    """[B, Lq+Lt, H] from transformers' model, given the same inputs as `QFormer.forward`."""
-    c = qformer.config
-    num_text = 0 if input_ids is None else input_ids.shape[1]
-    full = with_padding(MASKS[mask](c.num_query_tokens, num_text), c.num_query_tokens, text_mask)  # [B, L, L]
-    full = full.expand(image_embeds.shape[0], -1, -1)[:, None]  # [B, 1, L, L]: a ready 4-D mask is used as is
-    out = theirs(
-        query_embeds=qformer.embed(image_embeds.shape[0], input_ids),
-        query_length=c.num_query_tokens,
-        attention_mask=full,
-        encoder_hidden_states=image_embeds,
-    )
-    return out.last_hidden_state
-
-
-@torch.no_grad()
-def max_abs_diff_vs_transformers(qformer: QFormer, image_embeds: torch.Tensor, input_ids: torch.Tensor,
-                                 text_mask: torch.Tensor) -> dict[str, float]:
-    """{mask name: max |ours - transformers|} over the hidden states, for the three masks, on the same weights."""
-    was_training = qformer.training
-    qformer.eval()
-    theirs = to_transformers_qformer(qformer)
-    diffs = {}
-    for name in MASKS:
-        ours = qformer(image_embeds, input_ids, text_mask, mask=name)
-        ref = transformers_qformer_forward(theirs, qformer, image_embeds, input_ids, text_mask, mask=name)
-        diffs[name] = float((ours - ref).abs().max())
-    qformer.train(was_training)
-    return diffs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +149,7 @@ class Blip2Stage1(nn.Module):
         self.lm_bias = nn.Parameter(torch.zeros(c.vocab_size))
         self.temp = nn.Parameter(torch.tensor(INIT_TEMP))
         for m in (self.vision_proj, self.text_proj, self.itm_head, self.lm_transform):
-            m.apply(lambda m: _init_bert(m, c.initializer_range))
+            m.apply(lambda m: init_bert(m, c.initializer_range))
 
     def image_feats(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """[B, Lq, D] L2-normalised: one vector per query (ITC keeps them all)."""
@@ -650,7 +370,7 @@ def colour_word_accuracy(logits: torch.Tensor, input_ids: torch.Tensor, text_mas
     colours a caption names first is the caption writer's choice, so any colour of the image counts.)
 
     logits [B, Lt, V] (position t predicts token t+1), input_ids / text_mask [B, Lt], one src_content per row."""
-    from uniir_lite.data.synthetic_content import COLOURS
+    from uniir_lite.data.synthetic.scenes import COLOURS
 
     names = list(COLOURS)
     colour_ids = torch.tensor([tokenizer.token_id(c) for c in names], device=input_ids.device)  # [8]
@@ -710,7 +430,7 @@ def colour_word_chance(input_ids: torch.Tensor, text_mask: torch.Tensor, src_con
                        tokenizer: CaptionTokenizer) -> float:
     """`colour_word_accuracy` of a model that names a colour uniformly at random: the mean, over the
     same colour positions, of (colours in the image) / (colours in the vocabulary)."""
-    from uniir_lite.data.synthetic_content import COLOURS
+    from uniir_lite.data.synthetic.scenes import COLOURS
 
     colour_ids = torch.tensor([tokenizer.token_id(c) for c in COLOURS], device=input_ids.device)
     is_colour = torch.isin(input_ids[:, 1:], colour_ids) & text_mask[:, 1:].bool()  # [B, Lt-1]
@@ -723,43 +443,8 @@ from uniir_lite.models.captions import attribute_accuracy, image_attributes  # n
 
 
 # ---------------------------------------------------------------------------------------------
-# Data, training, train-or-load
+# Data: image-caption pairs over frozen image features
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Stage1Recipe:
-    """What a stage-1 run depends on; a checkpoint is reused only if its recipe is equal."""
-
-    steps: int
-    batch_size: int
-    seed: int
-    hidden_size: int = 64
-    num_layers: int = 2
-    intermediate_size: int = 128  # BERT's is 4x the width; 2x costs less and trains as well here
-    num_query_tokens: int = 8
-    cross_attention_frequency: int = 2  # BLIP-2's: every other layer reads the image
-    embed_dim: int = 64
-    initializer_range: float = 0.125  # 1/sqrt(width); see `QFormerConfig.initializer_range`
-    lr: float = 3e-3
-    warmup_steps: int = 10
-
-    @classmethod
-    def from_config(cls, cfg: Config, **overrides: Any) -> "Stage1Recipe":
-        base = dict(steps=2 * cfg.max_steps // 3, batch_size=max(2, cfg.batch_size // 2), seed=cfg.seed, embed_dim=cfg.embed_dim)
-        if cfg.profile != "tiny":  # BLIP-2's Q-Former shape: BERT-base, 32 queries, 256-d ITC space, BERT's init
-            base.update(hidden_size=768, num_layers=12, intermediate_size=3072, num_query_tokens=32, embed_dim=256, initializer_range=0.02,
-                        lr=1e-4, warmup_steps=min(2000, cfg.max_steps // 10), steps=cfg.max_steps, batch_size=cfg.batch_size)
-        return cls(**{**base, **overrides})
-
-    def qformer_config(self, vocab_size: int, encoder_hidden_size: int) -> QFormerConfig:
-        return QFormerConfig(
-            vocab_size=vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
-            num_heads=4 if self.hidden_size < 768 else 12,
-            intermediate_size=self.intermediate_size, num_query_tokens=self.num_query_tokens,
-            cross_attention_frequency=self.cross_attention_frequency, encoder_hidden_size=encoder_hidden_size,
-            embed_dim=self.embed_dim, initializer_range=self.initializer_range,
-        )
 
 
 class PairBatches:
@@ -825,163 +510,6 @@ def caption_data(root: str | Path, split: str, tokenizer: CaptionTokenizer, enco
     image_embeds = encoder.encode_paths(ImageLoader(root, image_size), img_paths)
     return QFormerCaptionData(img_paths, image_embeds, [p.caption for p in pairs], input_ids, text_mask,
                        [row[p.img_path] for p in pairs], [src[p] for p in img_paths])
-
-
-def _directory(cfg: Config, stage: str) -> Path:
-    return cfg.checkpoint_dir / CHECKPOINT_NAME / stage
-
-
-def training_log(cfg: Config, stage: str) -> pd.DataFrame:
-    """The training log saved with a checkpoint: stage "stage1", "lm" or "stage2"."""
-    _, saved = load_checkpoint(_directory(cfg, stage))
-    return pd.DataFrame(saved["history"])
-
-
-def frozen_encoder(cfg: Config, root: str | Path) -> FrozenImageEncoder:
-    """The vision tower of notebook 01's CLIP (trained there, or loaded), frozen."""
-    from uniir_lite.models.clip import train_or_load_clip
-
-    clip, _ = train_or_load_clip(cfg, root)
-    return FrozenImageEncoder(clip.visual)
-
-
-def caption_tokenizer(root: str | Path) -> CaptionTokenizer:
-    """The caption vocabulary of the training captions (deterministic: the same files, the same ids)."""
-    from uniir_lite.data.pairs import image_caption_pairs
-
-    return CaptionTokenizer.from_texts([p.caption for p in image_caption_pairs(root, "train")])
-
-
-def init_stage1(cfg: Config, tokenizer: CaptionTokenizer, encoder_width: int) -> Blip2Stage1:
-    """The untrained stage-1 model that `train_or_load_qformer` starts from (same seed, same weights)."""
-    recipe = Stage1Recipe.from_config(cfg)
-    torch.manual_seed(recipe.seed)
-    return Blip2Stage1(recipe.qformer_config(tokenizer.vocab_size, encoder_width)).to(cfg.device)
-
-
-def train_or_load_qformer(cfg: Config, root: str | Path, data: QFormerCaptionData | None = None,
-                          tokenizer: CaptionTokenizer | None = None, progress: bool = False):
-    """(stage-1 model in eval mode, tokenizer): loads `cfg.checkpoint_dir/03_blip2_qformer/stage1` when
-    it holds a model of the same recipe and vocabulary, else trains one with ITC + ITM + ITG on the
-    training pairs (frozen image features of notebook 01's CLIP) and saves it there."""
-    from uniir_lite.train import TrainConfig, fit
-
-    tokenizer = tokenizer or caption_tokenizer(root)
-    recipe = Stage1Recipe.from_config(cfg)
-    directory = _directory(cfg, "stage1")
-    if has_checkpoint(directory):
-        state, saved = load_checkpoint(directory)
-        if saved.get("recipe") == dataclasses.asdict(recipe) and saved.get("tokenizer") == tokenizer.config():
-            model = Blip2Stage1(QFormerConfig(**saved["qformer_config"]))
-            model.load_state_dict(state)
-            return model.to(cfg.device).eval(), tokenizer
-    data = data or caption_data(root, "train", tokenizer, frozen_encoder(cfg, root), cfg.image_size)
-    model = init_stage1(cfg, tokenizer, data.image_embeds.shape[-1])
-    history = fit(model, lambda m, b: stage1_loss(m, b, tokenizer.dec_id), data.batches(recipe.batch_size, recipe.seed),
-                  TrainConfig(max_steps=recipe.steps, lr=recipe.lr, weight_decay=0.05, warmup_steps=recipe.warmup_steps,
-                              precision=cfg.precision, progress=progress), cfg.device)
-    save_checkpoint(directory, model, {"recipe": dataclasses.asdict(recipe), "tokenizer": tokenizer.config(),
-                                       "qformer_config": dataclasses.asdict(model.config),
-                                       "history": history.to_dict(orient="records")})
-    return model.eval(), tokenizer
-
-
-@dataclasses.dataclass
-class LMRecipe:
-    steps: int
-    batch_size: int
-    seed: int
-    block: int = 48
-    hidden_size: int = 64
-    num_layers: int = 2
-    lr: float = 6e-3
-
-    @classmethod
-    def from_config(cls, cfg: Config, **overrides: Any) -> "LMRecipe":
-        return cls(**{**dict(steps=cfg.max_steps, batch_size=max(2, cfg.batch_size // 2), seed=cfg.seed), **overrides})
-
-
-class _Blocks:
-    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int):
-        self.blocks, self.batch_size = blocks, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.blocks), generator=self.generator)
-        for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
-            yield {"input_ids": self.blocks[order[start : start + self.batch_size]]}
-
-
-def train_or_load_caption_lm(cfg: Config, root: str | Path, tokenizer: CaptionTokenizer | None = None, progress: bool = False):
-    """The small causal LM that stage 2 keeps frozen, pre-trained on the training captions' TEXT only
-    (no image ever): loaded from `.../03_blip2_qformer/lm` or trained and saved there. Eval mode, frozen."""
-    from uniir_lite.data.pairs import image_caption_pairs
-    from uniir_lite.train import TrainConfig, fit
-
-    tokenizer = tokenizer or caption_tokenizer(root)
-    recipe = LMRecipe.from_config(cfg)
-    directory = _directory(cfg, "lm")
-    torch.manual_seed(recipe.seed)
-    lm = build_caption_lm(tokenizer, recipe.hidden_size, recipe.num_layers)
-    if has_checkpoint(directory):
-        state, saved = load_checkpoint(directory)
-        if saved.get("recipe") == dataclasses.asdict(recipe) and saved.get("tokenizer") == tokenizer.config():
-            lm.load_state_dict(state)
-            return lm.to(cfg.device).eval().requires_grad_(False)
-    pairs = image_caption_pairs(root, "train")
-    ids, mask = tokenizer([p.caption for p in pairs])
-    blocks = packed_lm_blocks(ids, mask, recipe.block, grouped_caption_order([p.img_path for p in pairs], recipe.seed))
-    history = fit(lm, lm_loss_fn, _Blocks(blocks, recipe.batch_size, recipe.seed),
-                  TrainConfig(max_steps=recipe.steps, lr=recipe.lr, weight_decay=0.05, warmup_steps=10,
-                              precision=cfg.precision, progress=progress), cfg.device)
-    save_checkpoint(directory, lm, {"recipe": dataclasses.asdict(recipe), "tokenizer": tokenizer.config(),
-                                    "history": history.to_dict(orient="records")})
-    return lm.eval().requires_grad_(False)
-
-
-@dataclasses.dataclass
-class Stage2Recipe:
-    steps: int
-    batch_size: int
-    seed: int
-    lr: float = 3e-3
-
-    @classmethod
-    def from_config(cls, cfg: Config, **overrides: Any) -> "Stage2Recipe":
-        return cls(**{**dict(steps=cfg.max_steps // 2, batch_size=cfg.batch_size, seed=cfg.seed), **overrides})
-
-
-def new_captioner(stage1: Blip2Stage1, lm: nn.Module, seed: int) -> Blip2Captioner:
-    """Stage 2's starting point: a COPY of the stage-1 Q-Former, a fresh projection, the frozen LM."""
-    import copy
-
-    torch.manual_seed(seed)
-    return Blip2Captioner(copy.deepcopy(stage1.qformer), lm)
-
-
-def train_or_load_captioner(cfg: Config, root: str | Path, stage1: Blip2Stage1, lm: nn.Module,
-                            data: QFormerCaptionData | None = None, tokenizer: CaptionTokenizer | None = None,
-                            progress: bool = False) -> Blip2Captioner:
-    """Stage 2: loaded from `.../03_blip2_qformer/stage2`, or trained from `new_captioner(stage1, lm)` with
-    the caption LM loss (only the Q-Former and the projection learn) and saved there. Eval mode."""
-    from uniir_lite.train import TrainConfig, fit
-
-    tokenizer = tokenizer or caption_tokenizer(root)
-    recipe = Stage2Recipe.from_config(cfg)
-    directory = _directory(cfg, "stage2")
-    model = new_captioner(stage1, lm, recipe.seed)
-    if has_checkpoint(directory):
-        state, saved = load_checkpoint(directory)
-        if saved.get("recipe") == dataclasses.asdict(recipe) and saved.get("tokenizer") == tokenizer.config():
-            model.load_state_dict(state)
-            return model.to(cfg.device).eval()
-    data = data or caption_data(root, "train", tokenizer, frozen_encoder(cfg, root), cfg.image_size)
-    history = fit(model, captioner_loss_fn, data.batches(recipe.batch_size, recipe.seed + 1),
-                  TrainConfig(max_steps=recipe.steps, lr=recipe.lr, weight_decay=0.05, warmup_steps=10,
-                              precision=cfg.precision, progress=progress), cfg.device)
-    save_checkpoint(directory, model, {"recipe": dataclasses.asdict(recipe), "tokenizer": tokenizer.config(),
-                                       "history": history.to_dict(orient="records")})
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 a caption names, and how well they match the image's `src_content`. Shared by notebooks 02 (BLIP,
 `attribute_f1`) and 03 (BLIP-2, `attribute_accuracy`).
 
-Plurals follow the generator's own rule (`uniir_lite.data.synthetic_content.plural`: "crosses",
+Plurals follow the generator's own rule (`uniir_lite.data.synthetic.texts.plural`: "crosses",
 "rhombuses", "dresses"); garment names already plural ("trousers") are kept as they are.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import re
 
-from uniir_lite.data.synthetic_content import COLOURS, GARMENTS, SHAPE_SYNONYMS, plural
+from uniir_lite.data.synthetic.scenes import COLOURS, GARMENTS
+from uniir_lite.data.synthetic.texts import SHAPE_SYNONYMS, plural
 
 
 def _attribute_words() -> tuple[dict[str, str], dict[str, str]]:

@@ -1,4 +1,4 @@
-"""CLIP through open_clip: one builder for every profile, the contrastive loss, train-or-load, embedding.
+"""CLIP through open_clip: one builder for every profile, the contrastive loss, embedding.
 
 - `tiny`: a tiny open_clip custom config (`configs/uniir-clip-tiny.json`: ViT and text transformer of
   width 64, 2 layers, 32-px images, context 32, the real 49408-token BPE), random init, built offline.
@@ -6,33 +6,28 @@
 - `full` (`cfg.pretrained`): OpenAI's weights through open_clip (`pretrained="openai"`).
 
 `pretrained=<folder>` loads a model written by `save_clip_pretrained` (open_clip's `local-dir:` layout),
-which is how the pretrained path is tested offline. Taught in notebook 01; notebooks 03-05 call
-`train_or_load_clip` for a trained image encoder and text tower.
+which is how the pretrained path is tested offline. Training is in `uniir_lite.recipes.clip`.
+Taught in notebook 01.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from uniir_lite.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
 from uniir_lite.config import Config
 from uniir_lite.models.tokenizers import ClipTokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_ARCH = "uniir-clip-tiny"
 DEFAULT_ARCH = "ViT-B-32"
-CHECKPOINT_NAME = "01_clip"
 OPENAI_WEIGHTS = "openai"
 MAX_LOGIT_SCALE = 100.0  # CLIP clips the learned scale at 100 (temperature 0.01)
 INIT_TEMPERATURE = 0.07  # CLIP's initial temperature: logit scale 1 / 0.07
@@ -112,6 +107,14 @@ def build_clip(cfg: Config, arch: str | None = None, pretrained: str | Path | No
     return model.eval(), tokenizer
 
 
+def image_token_width(cfg: Config, arch: str | None = None) -> int:
+    """Width of the tokens of `build_clip(cfg, arch)`'s ViT, read from its open_clip config (nothing is built)."""
+    import open_clip
+
+    register_configs()
+    return int(open_clip.get_model_config(arch or default_arch(cfg))["vision_cfg"]["width"])
+
+
 def save_clip_pretrained(model: torch.nn.Module, directory: str | Path) -> Path:
     """Write `model` in open_clip's `local-dir:` layout (config JSON + safetensors), the counterpart of
     transformers' `save_pretrained`; `build_clip(cfg, pretrained=directory)` loads it back."""
@@ -150,120 +153,6 @@ def clip_loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict
         sim = F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).T  # [n, n]
         accuracy = (sim.argmax(dim=1) == torch.arange(sim.shape[0], device=sim.device)).float().mean()
     return {"loss": loss, "logit_scale": logit_scale.detach(), "batch_i2t_acc": accuracy}
-
-
-class _PairDataset(torch.utils.data.Dataset):
-    def __init__(self, img_paths: Sequence[str], tokens: torch.Tensor, loader):
-        self.img_paths, self.tokens, self.loader = list(img_paths), tokens, loader
-
-    def __len__(self) -> int:
-        return len(self.img_paths)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.loader(self.img_paths[i]), "text": self.tokens[i]}
-
-
-def pair_batches(pairs, loader, tokenizer: ClipTokenizer, batch_size: int, seed: int, num_workers: int = 0):
-    """Shuffled batches {"image": [b,3,S,S], "text": [b,L]} of image-caption pairs; each pass over the
-    DataLoader is one epoch in a new, seeded order. Captions are tokenised once, up front."""
-    tokens = tokenizer([p.caption for p in pairs])  # [n, L]
-    dataset = _PairDataset([p.img_path for p in pairs], tokens, loader)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0,
-    )
-
-
-@dataclasses.dataclass
-class ClipRecipe:
-    """What a tiny CLIP training run depends on; a checkpoint is reused only if its recipe is equal."""
-
-    arch: str
-    embed_dim: int
-    image_size: int
-    steps: int
-    batch_size: int
-    seed: int
-    lr: float = 2e-3
-    warmup_steps: int | None = None  # None: the first tenth of the steps
-    fixed_temperature: float | None = None  # None: learnable, starting at INIT_TEMPERATURE
-
-    @classmethod
-    def from_config(cls, cfg: Config, **overrides: Any) -> ClipRecipe:
-        # The tiny profile trains for half of MAX_STEPS: every notebook that needs this CLIP and
-        # finds no checkpoint trains it first, and must still finish in about a minute.
-        steps = cfg.max_steps // 2 if cfg.profile == "tiny" else cfg.max_steps
-        base = {"arch": default_arch(cfg), "embed_dim": cfg.embed_dim, "image_size": cfg.image_size,
-                "steps": steps, "batch_size": cfg.batch_size, "seed": cfg.seed}
-        if cfg.profile != "tiny":  # real-size towers: CLIP's learning rate and warm-up
-            base.update(lr=5e-4, warmup_steps=min(2000, steps // 10))
-        return cls(**{**base, **overrides})
-
-
-def train_clip(cfg: Config, root: str | Path, recipe: ClipRecipe | None = None, progress: bool = False,
-               pairs=None, loader=None):
-    """Train a randomly initialised CLIP on the image-caption training pairs with `uniir_lite.train.fit`.
-
-    Returns (model in eval mode, tokenizer, training log). With `recipe.fixed_temperature` the logit
-    scale is frozen at 1 / temperature; otherwise it is learned, as in CLIP. `pairs` (default: the
-    training pairs of `root`) and `loader` (an `ImageLoader` at `recipe.image_size`) can be passed to
-    reuse them across runs.
-    """
-    from uniir_lite.data.images import ImageLoader
-    from uniir_lite.data.pairs import image_caption_pairs
-    from uniir_lite.train import TrainConfig, fit
-
-    recipe = recipe or ClipRecipe.from_config(cfg)
-    torch.manual_seed(recipe.seed)
-    model, tokenizer = build_clip(dataclasses.replace(cfg, embed_dim=recipe.embed_dim, image_size=recipe.image_size, pretrained=False),
-                                  arch=recipe.arch, pretrained=None)
-    if recipe.fixed_temperature is not None:
-        with torch.no_grad():
-            model.logit_scale.fill_(torch.log(torch.tensor(1.0 / recipe.fixed_temperature)).item())
-        model.logit_scale.requires_grad_(False)
-    loader = loader or ImageLoader(root, recipe.image_size)
-    if loader.image_size != recipe.image_size:
-        raise ValueError(f"the image loader makes {loader.image_size}-px images, the recipe wants {recipe.image_size}")
-    pairs = image_caption_pairs(root, "train") if pairs is None else pairs
-    batches = pair_batches(pairs, loader, tokenizer, recipe.batch_size, recipe.seed, cfg.num_workers)
-    warmup = recipe.steps // 10 if recipe.warmup_steps is None else recipe.warmup_steps
-    train_cfg = TrainConfig(max_steps=recipe.steps, lr=recipe.lr, warmup_steps=warmup,
-                            precision=cfg.precision, progress=progress)
-    history = fit(model, clip_loss_fn, batches, train_cfg, cfg.device)
-    return model.eval(), tokenizer, history
-
-
-def clip_checkpoint_dir(cfg: Config) -> Path:
-    return cfg.checkpoint_dir / CHECKPOINT_NAME
-
-
-def train_or_load_clip(cfg: Config, root: str | Path, progress: bool = False):
-    """(model, tokenizer) of the CLIP trained in notebook 01, in eval mode on `cfg.device`.
-
-    Loads `cfg.checkpoint_dir / "01_clip"` when it holds a model of the same recipe, else trains one
-    (`train_clip`) and saves it there. With `cfg.pretrained` (the `full` profile) OpenAI's CLIP is
-    already trained: it is returned as is.
-    """
-    if cfg.pretrained:
-        return build_clip(cfg)
-    recipe = ClipRecipe.from_config(cfg)
-    directory = clip_checkpoint_dir(cfg)
-    if has_checkpoint(directory):
-        state, saved = load_checkpoint(directory)
-        if saved.get("recipe") == dataclasses.asdict(recipe):
-            model, tokenizer = build_clip(cfg, arch=recipe.arch)
-            model.load_state_dict(state)
-            return model.to(cfg.device).eval(), tokenizer
-    model, tokenizer, history = train_clip(cfg, root, recipe, progress=progress)
-    save_checkpoint(directory, model, {"recipe": dataclasses.asdict(recipe), "model_cfg": model.uniir_model_cfg,
-                                       "history": history.to_dict(orient="records")})
-    return model, tokenizer
-
-
-def clip_training_log(cfg: Config) -> pd.DataFrame:
-    """The training log saved with the `train_or_load_clip` checkpoint (step, lr, loss, logit_scale, ...)."""
-    _, saved = load_checkpoint(clip_checkpoint_dir(cfg))
-    return pd.DataFrame(saved["history"])
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

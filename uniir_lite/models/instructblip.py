@@ -11,8 +11,7 @@ image with the instruction in mind. Taught in notebook 04:
   frozen CLIP vision tower; `instruction_aware=False` is the same model given an empty instruction;
 - `AnswerHead`: a one-layer transformer that stands in for InstructBLIP's language model: it reads
   the projected query features and the instruction and scores the answers;
-- `train_or_load_instructblip(cfg, root)`: both variants trained on the held-in tasks, saved under
-  `cfg.checkpoint_dir / "04_instructblip"`;
+- training both variants on the held-in tasks is in `uniir_lite.recipes.instructblip`;
 - `build_instructblip(cfg)`: the whole `InstructBlipForConditionalGeneration`, tiny (random init),
   real-size (random init, `gpu`) or Salesforce's weights (`full`), and `check_image_tokens`, the guard
   against the missing image tokens that make the language model silently ignore the image.
@@ -23,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,11 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniir_lite.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
 from uniir_lite.config import Config
-from uniir_lite.data.synthetic_content import BACKGROUNDS, CELLS, COLOURS, OBJECT_SIZES, PATTERNS, SHAPES
+from uniir_lite.data.synthetic.scenes import BACKGROUNDS, CELLS, COLOURS, OBJECT_SIZES, PATTERNS, SHAPES
 
-CHECKPOINT_NAME = "04_instructblip"
 PRETRAINED_NAME = "Salesforce/instructblip-flan-t5-xl"  # or "Salesforce/instructblip-vicuna-7b"
 SCENE_DATASETS = ("MSCOCO", "VisualNews")  # the sets whose images are drawn scenes of shapes
 MAX_INSTRUCTION_TOKENS = 16  # the longest instruction of `TASKS` has 14 WordPiece tokens
@@ -489,118 +486,6 @@ def probe_task(model: InstructVQA, train: Examples, test: Examples, train_embeds
     yte = torch.tensor([local[a] for a in te.answer.tolist()])
     xtr, xte = hidden_states(model, tr, train_embeds), hidden_states(model, te, test_embeds)
     return linear_probe(xtr, ytr, xte, yte, len(local), seed=seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Train-or-load
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class InstructRecipe:
-    """What a training run of the two Q-Former variants depends on; a checkpoint is reused only if
-    its recipe is equal (the image encoder's own recipe included)."""
-
-    profile: str
-    num_query_tokens: int
-    head_width: int
-    steps: int
-    batch_size: int
-    seed: int
-    lr: float
-    encoder: dict
-    freeze_word_embeddings: bool = False
-    tasks: tuple[str, ...] = HELD_IN
-
-    @classmethod
-    def from_config(cls, cfg: Config, encoder: dict | None = None, **overrides: Any) -> "InstructRecipe":
-        tiny = cfg.profile == "tiny"
-        # tiny: half the profile's steps on batches twice its size (as many examples as
-        # MAX_STEPS x BATCH_SIZE, with half the per-step overhead)
-        base = dict(profile=cfg.profile, num_query_tokens=8 if tiny else 32, head_width=64 if tiny else 256,
-                    steps=cfg.max_steps // 2 if tiny else min(cfg.max_steps, 3000),
-                    batch_size=2 * cfg.batch_size if tiny else cfg.batch_size,
-                    seed=cfg.seed, lr=4e-3 if tiny else 3e-4, encoder=encoder or {}, freeze_word_embeddings=tiny)
-        return cls(**{**base, **overrides})
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["tasks"] = list(self.tasks)  # JSON has no tuples: compare like with like
-        return d
-
-
-def encoder_fingerprint(cfg: Config) -> dict:
-    """What identifies the frozen image encoder: CLIP's recipe (or its pretrained tag)."""
-    from uniir_lite.models.clip import ClipRecipe
-
-    if cfg.pretrained:
-        return {"clip": "openai"}
-    return {"clip": dataclasses.asdict(ClipRecipe.from_config(cfg))}
-
-
-def build_vqa_pair(recipe: InstructRecipe, encoder_hidden_size: int) -> nn.ModuleDict:
-    """The two variants, `{"aware": ..., "blind": ...}`, identically initialised except for the flag."""
-    qcfg = qformer_config(recipe.profile, encoder_hidden_size)
-    models = {}
-    for name, aware in (("aware", True), ("blind", False)):
-        torch.manual_seed(recipe.seed)
-        models[name] = InstructVQA(qcfg, recipe.num_query_tokens, recipe.head_width, instruction_aware=aware)
-        if recipe.freeze_word_embeddings:
-            # The Q-Former's word vectors stay at their (random) start, standing in for BERT's
-            # pre-trained ones; this also spares the optimiser a 30522-row table, most of its parameters.
-            models[name].qformer.qformer.embeddings.word_embeddings.weight.requires_grad_(False)
-    return nn.ModuleDict(models)
-
-
-def train_vqa_pair(cfg: Config, recipe: InstructRecipe, examples: Examples, image_embeds: torch.Tensor,
-                   progress: bool = False) -> tuple[nn.ModuleDict, dict[str, pd.DataFrame]]:
-    """Train both variants on the same batches, in the same order, with `uniir_lite.train.fit`."""
-    from uniir_lite.train import TrainConfig, fit
-
-    models = build_vqa_pair(recipe, image_embeds.shape[-1])
-    histories = {}
-    for name, model in models.items():
-        batches = ExampleBatches(examples, image_embeds, recipe.batch_size, recipe.seed)
-        train_cfg = TrainConfig(max_steps=recipe.steps, lr=recipe.lr, weight_decay=0.05, warmup_steps=recipe.steps // 20,
-                                precision=cfg.precision, progress=progress)
-        histories[name] = fit(model, vqa_loss_fn, batches, train_cfg, cfg.device)
-    return models, histories
-
-
-def instructblip_checkpoint_dir(cfg: Config) -> Path:
-    return cfg.checkpoint_dir / CHECKPOINT_NAME
-
-
-def train_or_load_instructblip(cfg: Config, root: str | Path, progress: bool = False, **overrides: Any):
-    """`(models, histories)`: the instruction-aware and instruction-blind Q-Former + answer head pair
-    (`models["aware"]`, `models["blind"]`, in eval mode on `cfg.device`) trained on the held-in tasks
-    over the frozen vision tower of `train_or_load_clip`, and their training logs.
-
-    Loads `cfg.checkpoint_dir / "04_instructblip"` when it holds a pair of the same recipe, else
-    trains one and saves it there. `overrides` change the recipe (`InstructRecipe` fields), e.g.
-    `num_query_tokens=2` or `tasks=("colour", "position")`."""
-    from uniir_lite.data.images import ImageLoader
-    from uniir_lite.models.clip import train_or_load_clip
-
-    recipe = InstructRecipe.from_config(cfg, encoder=encoder_fingerprint(cfg), **overrides)
-    directory = instructblip_checkpoint_dir(cfg)
-    clip_model, _ = train_or_load_clip(cfg, root)
-    width = vision_width(clip_model.visual)
-    if has_checkpoint(directory):
-        state, saved = load_checkpoint(directory)
-        if saved.get("recipe") == recipe.to_json():
-            models = build_vqa_pair(recipe, width)
-            models.load_state_dict(state)
-            histories = {k: pd.DataFrame(v) for k, v in saved["history"].items()}
-            return models.to(cfg.device).eval(), histories
-    scenes = scene_images(root, "train")
-    loader = ImageLoader(root, cfg.image_size, cache=False)
-    image_embeds = encode_image_tokens(clip_model.visual, loader, [p for p, _ in scenes])  # [n, T, width]
-    examples = make_examples(scenes, recipe.tasks, recipe.seed)
-    models, histories = train_vqa_pair(cfg, recipe, examples, image_embeds.to(cfg.device), progress=progress)
-    save_checkpoint(directory, models, {"recipe": recipe.to_json(),
-                                        "history": {k: h.to_dict(orient="records") for k, h in histories.items()}})
-    return models.eval(), histories
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The UniIR recipe: instructed embedding for evaluation, training, train-or-load, on the mini M-BEIR
-fixture (real record formats) with tiny random towers."""
+"""UniIR's recipe (`uniir_lite.multitask`) and a UniIR model's evaluation (`uniir_lite.evaluation`):
+instructed embedding, training, train-or-load, on the mini M-BEIR fixture (real record formats) with
+tiny random towers."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import uniir_lite.uniir as uniir
+import uniir_lite.evaluation as evaluation
+import uniir_lite.multitask as multitask
 from uniir_lite.config import resolve
 from uniir_lite.data.mbeir import format_string, instructions_path, query_path, read_queries
 from uniir_lite.evaluation import load_pairs
+from uniir_lite.fusion import build_uniir
 from uniir_lite.fusion import UniIRModel
 from uniir_lite.instructions import InstructionTable
 
@@ -52,7 +55,7 @@ class _Recorder(UniIRModel):
 def test_queries_are_instructed_as_uniir_and_candidates_never(cfg):
     model = _Recorder()
     table = InstructionTable.from_tsv(instructions_path(MINI))
-    embed_queries, embed_candidates = uniir.embed_fns(model, cfg, MINI, instructions=True, policy="fixed")
+    embed_queries, embed_candidates = evaluation.embed_fns(model, cfg, MINI, instructions=True, policy="fixed")
     text_queries = read_queries(query_path(MINI, "test", "mscoco_task0"))  # text -> image
     image_queries = read_queries(query_path(MINI, "test", "mscoco_task3"))  # image -> text
     emb = embed_queries(text_queries + image_queries)
@@ -69,7 +72,7 @@ def test_queries_are_instructed_as_uniir_and_candidates_never(cfg):
     assert model.texts == [format_string(t) for t in pool["txt"]]
     # no instructions: the query text alone
     model.texts.clear()
-    plain_queries, _ = uniir.embed_fns(model, cfg, MINI, instructions=False)
+    plain_queries, _ = evaluation.embed_fns(model, cfg, MINI, instructions=False)
     plain_queries(text_queries + image_queries)
     assert model.texts == [format_string(q.txt) for q in text_queries + image_queries]
 
@@ -80,15 +83,15 @@ def test_random_policy_depends_on_the_seed_fixed_does_not(cfg):
     for policy in ("random", "fixed"):
         for seed in range(6):
             model = _Recorder()
-            uniir.embed_fns(model, cfg, MINI, instructions=True, policy=policy, seed=seed)[0](queries)
+            evaluation.embed_fns(model, cfg, MINI, instructions=True, policy=policy, seed=seed)[0](queries)
             texts[policy, seed] = tuple(model.texts)
     assert len({texts["fixed", s] for s in range(6)}) == 1
     assert len({texts["random", s] for s in range(6)}) > 1
 
 
 def test_train_uniir_lowers_the_loss_and_train_or_load_reuses_the_checkpoint(cfg, monkeypatch):
-    model, log = uniir.train_or_load_uniir("clip_sf", cfg, MINI, instructions=True, init="random",
-                                           max_steps=12, lr=3e-3, warmup_steps=0)
+    model, log = multitask.train_or_load_uniir("clip_sf", cfg, MINI, instructions=True, init="random",
+                                               max_steps=12, lr=3e-3, warmup_steps=0)
     assert list(log.columns[:3]) == ["step", "lr", "loss"]
     assert log["loss"].iloc[-1] < log["loss"].iloc[0] - 0.3
     assert log["samples_per_s"].iloc[-1] > 0
@@ -98,29 +101,29 @@ def test_train_uniir_lowers_the_loss_and_train_or_load_reuses_the_checkpoint(cfg
     def no_training(*args, **kwargs):
         raise AssertionError("the checkpoint should have been loaded")
 
-    monkeypatch.setattr(uniir, "train_uniir", no_training)
-    loaded, loaded_log = uniir.train_or_load_uniir("clip_sf", cfg, MINI, instructions=True, init="random",
-                                                   max_steps=12, lr=3e-3, warmup_steps=0)
+    monkeypatch.setattr(multitask, "train_uniir", no_training)
+    loaded, loaded_log = multitask.train_or_load_uniir("clip_sf", cfg, MINI, instructions=True, init="random",
+                                                       max_steps=12, lr=3e-3, warmup_steps=0)
     assert loaded_log["loss"].tolist() == log["loss"].tolist()
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     # another recipe is another training run
     with pytest.raises(AssertionError, match="should have been loaded"):
-        uniir.train_or_load_uniir("clip_sf", cfg, MINI, instructions=True, init="random", max_steps=13, lr=3e-3)
+        multitask.train_or_load_uniir("clip_sf", cfg, MINI, instructions=True, init="random", max_steps=13, lr=3e-3)
 
 
 def test_no_instruction_setting_has_its_own_checkpoint_and_trains_deterministically(cfg):
-    a, log_a = uniir.train_or_load_uniir("clip_sf", cfg, MINI, instructions=False, init="random", max_steps=4)
-    b, log_b = uniir.train_or_load_uniir("clip_sf", cfg, MINI, instructions=False, init="random", max_steps=4, force=True)
+    a, log_a = multitask.train_or_load_uniir("clip_sf", cfg, MINI, instructions=False, init="random", max_steps=4)
+    b, log_b = multitask.train_or_load_uniir("clip_sf", cfg, MINI, instructions=False, init="random", max_steps=4, force=True)
     assert (cfg.checkpoint_dir / "uniir" / "clip_sf-noinstruct-random-seed0").is_dir()
     assert log_a["loss"].tolist() == log_b["loss"].tolist()
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_blip_sf_trains_with_the_momentum_queue(cfg):
-    model = uniir.build_uniir("blip_sf", cfg, MINI, init="random")
+    model = build_uniir("blip_sf", cfg, MINI, init="random")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    log = uniir.train_uniir(model, cfg, MINI, instructions=True, max_steps=6, lr=1e-3, queue_size=12, warmup_steps=0)
+    log = multitask.train_uniir(model, cfg, MINI, instructions=True, max_steps=6, lr=1e-3, queue_size=12, warmup_steps=0)
     assert {"loss", "accuracy", "temperature", "alpha"} <= set(log.columns)
     assert np.isfinite(log["loss"]).all()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -128,16 +131,16 @@ def test_blip_sf_trains_with_the_momentum_queue(cfg):
     assert not any("crossattention" in n for n in changed)
 
 
-def test_evaluate_uniir_scores_local_and_global_pools(cfg):
-    model = uniir.build_uniir("clip_sf", cfg, MINI, init="random")
+def test_evaluate_model_scores_local_and_global_pools(cfg):
+    model = build_uniir("clip_sf", cfg, MINI, init="random")
     data = load_pairs(MINI, "test")
-    results = uniir.evaluate_uniir(model, cfg, MINI, data, instructions=True, policy="fixed")
+    results = evaluation.evaluate_model(model, cfg, MINI, data, instructions=True, policy="fixed")
     assert set(results) == {"local", "global"}
-    for evaluation in results.values():
-        assert len(evaluation.results) == len(data)
-        assert all(0 <= r["metrics"]["recall@5"] <= 1 for r in evaluation.results)
-        assert "modality_error@5" in evaluation.results[0]["metrics"]
-    chance = uniir.chance_level(data)
+    for result in results.values():
+        assert len(result.results) == len(data)
+        assert all(0 <= r["metrics"]["recall@5"] <= 1 for r in result.results)
+        assert "modality_error@5" in result.results[0]["metrics"]
+    chance = evaluation.chance_level(data)
     assert set(chance) == {d.pair.name for d in data} and all(0 < v <= 1 for v in chance.values())
     big = [d for d in data if len(d.pool) > d.pair.metric_k]
     assert big and all(chance[d.pair.name] == pytest.approx(np.mean([min(1.0, d.pair.metric_k * len(q.pos) / len(d.pool)) for q in d.queries]), abs=0.35) for d in big)
