@@ -1,4 +1,5 @@
 import os
+import stat
 
 import pytest
 
@@ -34,3 +35,14 @@ def test_atomic_file_appears_only_when_committed(tmp_path):
     dropped.discard()
     assert kept.lines == 2 and (tmp_path / "kept.jsonl").read_text() == '{"a": 1}\n{"a": 2}\n'
     assert os.listdir(tmp_path) == ["kept.jsonl"]
+
+
+def test_an_atomic_file_gets_an_ordinary_files_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.txt") == mode(tmp_path / "b.txt") == 0o644
