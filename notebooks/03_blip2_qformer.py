@@ -76,6 +76,7 @@ from PIL import Image
 
 import uniir_lite
 from uniir_lite import record_metrics
+from uniir_lite.metrics import diagonal_recall_at_k
 from uniir_lite.models import blip2
 from uniir_lite.models import qformer as qf
 from uniir_lite.recipes.blip2 import (
@@ -447,9 +448,9 @@ plt.show()
 def stage1_results(model):
     scores = blip2.retrieval_scores(model, test)  # [N, N]
     return {
-        "image→text R@1": blip2.recall_at_k_from_scores(scores, 1),
-        "image→text R@5": blip2.recall_at_k_from_scores(scores, 5),
-        "text→image R@5": blip2.recall_at_k_from_scores(scores.T, 5),
+        "image→text R@1": diagonal_recall_at_k(scores, 1),
+        "image→text R@5": diagonal_recall_at_k(scores, 5),
+        "text→image R@5": diagonal_recall_at_k(scores.T, 5),
         "ITM accuracy (random negative)": blip2.itm_accuracy(model, test, "random", seed=cfg.seed),
         "ITM accuracy (hard negative)": blip2.itm_accuracy(model, test, "hard"),
     }

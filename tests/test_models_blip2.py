@@ -219,13 +219,6 @@ def test_attribute_accuracy():
     assert blip2.attribute_accuracy("dark brown striped short skirt", garment) == 1.0
 
 
-def test_recall_from_scores():
-    assert blip2.recall_at_k_from_scores(torch.eye(5), 1) == 1.0
-    scores = torch.tensor([[0.1, 0.9, 0.0], [0.0, 1.0, 0.5], [0.3, 0.2, 0.1]])  # hits at ranks 2, 1, 3
-    assert blip2.recall_at_k_from_scores(scores, 1) == pytest.approx(1 / 3)
-    assert blip2.recall_at_k_from_scores(scores, 2) == pytest.approx(2 / 3)
-
-
 # ---------------------------------------------------------------------------------------------
 # the frozen image encoder (open_clip) and the pretrained path (transformers), offline
 # ---------------------------------------------------------------------------------------------

@@ -355,14 +355,6 @@ def captioner_loss_fn(model: Blip2Captioner, batch: dict[str, torch.Tensor]) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def recall_at_k_from_scores(scores: torch.Tensor, k: int) -> float:
-    """UniIR's Recall@k (a hit rate) of a [n_queries, n_candidates] score matrix whose positives are
-    on the diagonal: `uniir_lite.metrics.diagonal_recall_at_k`."""
-    from uniir_lite.metrics import diagonal_recall_at_k
-
-    return diagonal_recall_at_k(scores, k)
-
-
 def colour_word_accuracy(logits: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor,
                          src_contents: Sequence[str], tokenizer: CaptionTokenizer) -> float:
     """Teacher-forced grounding: at every position whose NEXT caption token is a colour word, is the
