@@ -228,7 +228,7 @@ def test_overrides_reach_the_notebook(tmp_path):
 def test_gain_over_another_metric():
     expected = {"trained": {"min_gain_over": "untrained", "min": 0.3}}
     ok, = compare_metrics({"trained": 0.8, "untrained": 0.4}, expected)[:1]
-    assert ok.ok and ok.check == "gain" and ok.describe_expected() == ">= untrained + 0.3"
+    assert ok.ok and ok.check == "gain" and ok.describe_expected() == ">= untrained (0.4) + 0.3"
     miss, = compare_metrics({"trained": 0.6, "untrained": 0.4}, expected)[:1]
     assert miss.ok is False
     absent, = compare_metrics({"trained": 0.9}, expected)[:1]  # the baseline was not recorded
@@ -238,7 +238,7 @@ def test_gain_over_another_metric():
 def test_gain_within_a_band_around_another_metric():
     expected = {"random": {"min_gain_over": "chance", "min": -0.02, "max": 0.02}}
     inside, = compare_metrics({"random": 0.045, "chance": 0.03}, expected)[:1]
-    assert inside.ok and inside.describe_expected() == "chance ± 0.02"
+    assert inside.ok and inside.describe_expected() == "chance (0.03) ± 0.02"
     above, = compare_metrics({"random": 0.06, "chance": 0.03}, expected)[:1]
     below, = compare_metrics({"random": 0.0, "chance": 0.03}, expected)[:1]
     assert above.ok is False and below.ok is False
@@ -247,7 +247,7 @@ def test_gain_within_a_band_around_another_metric():
 def test_a_check_reads_back_from_the_report():
     check, = compare_metrics({"trained": 0.8, "untrained": 0.4}, {"trained": {"min_gain_over": "untrained", "min": 0.3}})[:1]
     back = MetricCheck(check.name, **json.loads(json.dumps(check.to_json())))
-    assert back == check and back.describe_expected() == ">= untrained + 0.3"
+    assert back == check and back.describe_expected() == ">= untrained (0.4) + 0.3"
 
 
 def test_gain_without_a_margin_is_rejected(tmp_path):

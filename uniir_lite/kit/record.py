@@ -44,13 +44,14 @@ class MetricCheck:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
 
     def describe_expected(self) -> str:
-        if self.check == "gain":
+        if self.check == "gain":  # the baseline's recorded value beside its name
+            over = self.over if self.base is None else f"{self.over} ({_fmt(self.base)})"
             if self.upper is None:
                 sign = "-" if self.expected < 0 else "+"
-                return f">= {self.over} {sign} {_fmt(abs(self.expected))}"
+                return f">= {over} {sign} {_fmt(abs(self.expected))}"
             if self.upper == -self.expected:
-                return f"{self.over} ± {_fmt(self.upper)}"
-            return f"{self.over} + {_fmt(self.expected)} to {_fmt(self.upper)}"
+                return f"{over} ± {_fmt(self.upper)}"
+            return f"{over} + {_fmt(self.expected)} to {_fmt(self.upper)}"
         if self.check == "abs":
             return f"{_fmt(self.expected)} ± {_fmt(self.tolerance)}"
         if self.check == "min":
