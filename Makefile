@@ -48,9 +48,10 @@ lab: setup
 notebooks: setup
 	$(PY) -m uniir_lite notebooks sync
 
-# Record the wall times of the last `make reproduce` and regenerate the README's measured tables.
+# Record the wall times, metrics and README figures of the last `make reproduce` (or of RECORD=path/to/
+# report.json) and regenerate the README's measured tables and figures (figures/*.png, committed).
 readme: setup
-	$(PY) -m uniir_lite readme --record runs/$(PROFILE)/report.json
+	$(PY) -m uniir_lite readme --record $(or $(RECORD),runs/$(PROFILE)/report.json)
 
 # Speed and memory benchmarks -> benchmarks/results/<device>.json (BENCH_SIZE=ci|small|full; default:
 # full sizes on a GPU, small on CPU). `make readme` turns the files into the README's performance table.

@@ -1,14 +1,20 @@
-"""README tables generated from measured files, never typed in.
+"""README tables and figures generated from measured files, never typed in.
 
 `make readme` records the wall times and metrics of the latest passing `make reproduce`
-(runs/<profile>/report.json) into `results/measured.json` and regenerates the blocks between
-`<!-- BEGIN name -->` and `<!-- END name -->` of each page in `PAGES`: the notebook table in
-README.md, the checked metrics in results/README.md, and the performance tables in
+(runs/<profile>/report.json) into `results/measured.json`, copies the README's figures (`FIGURES`) of
+a `README_PROFILE` run from the run's FIG_DIR into committed `figures/`, and regenerates the blocks
+between `<!-- BEGIN name -->` and `<!-- END name -->` of each page in `PAGES`: the notebook table and
+the figures in README.md, the checked metrics in results/README.md, and the performance tables in
 benchmarks/README.md (from the files that `make bench` writes to `benchmarks/results/`).
+
+The notebook table shows, per notebook, the headline metrics declared in `HEADLINES` (one or two
+checked metrics, measured in the recorded `README_PROFILE` run beside their expectation in
+results/expected_<profile>.json) and the minutes each profile's recorded run took.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -16,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from uniir_lite.config import repo_root
-from uniir_lite.io import write_json_atomic
+from uniir_lite.io import atomic_open, write_json_atomic
 
 PROFILES = ("tiny", "gpu", "full")
 
@@ -30,46 +36,201 @@ def load_measured() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+# The profile whose recorded run gives the README its headline numbers and figures.
+README_PROFILE = "tiny"
+
+# What the README's table shows of each notebook: one or two metrics of its recorded run, each with
+# the words a newcomer reads for it. Every key must be a *checked* metric (one with an expectation in
+# results/expected_<README_PROFILE>.json); `make readme` fails naming a key that is not.
+HEADLINES: dict[str, dict[str, str]] = {
+    "00_welcome_and_data": {
+        "trivial_local_avg_recall": "a trivial bag-of-words model, avg recall on local pools",
+        "trivial_global_cross_modal_modality_error@5": "its modality error@5 in the global pool",
+    },
+    "01_clip": {
+        "t2i_recall@5": "text → image Recall@5 after training",
+        "zero_shot_colour_acc": "zero-shot colour accuracy",
+    },
+    "02_blip": {
+        "itc_t2i_recall@5": "ITC text → image Recall@5",
+        "itm_positive_above_random_negative": "ITM scores the true pair above a random one",
+    },
+    "03_blip2_qformer": {
+        "qformer_vs_transformers_max_abs_diff": "from-scratch Q-Former vs transformers, max abs diff",
+        "stage1_i2t_recall@5_trained": "stage 1 image → text Recall@5",
+    },
+    "04_instructblip": {
+        "heldin_colour_aware": "held-in colour question accuracy, instruction-aware",
+        "heldin_colour_blind": "instruction-blind",
+    },
+    "05_uniir_score_fusion": {
+        "trained_local_avg": "CLIP_SF avg of the 16 rows (local pools), multi-task trained",
+        "zeroshot_local_avg": "before training",
+    },
+    "06_uniir_feature_fusion": {
+        "clip_sf_local_avg": "CLIP_SF avg of the 16 rows (local pools)",
+        "clip_ff_local_avg": "CLIP_FF at the same budget",
+    },
+    "07_instruction_tuning": {
+        "instr_global_avg": "avg of the 16 rows in the global pool, with instructions",
+        "noinstr_global_avg": "without",
+    },
+}
+
+# The figures of the README_PROFILE run that README.md shows (file, caption), in order. `make readme`
+# copies them from the run's FIG_DIR (figures/<profile>/) to figures/; each must stay under
+# MAX_FIGURE_BYTES, since they are committed.
+FIGURES: tuple[tuple[str, str], ...] = (
+    ("01_training_curves.png",
+     "Notebook 01 trains a tiny CLIP: the InfoNCE loss falls from log N, in-batch accuracy climbs "
+     "above chance, and the learned temperature moves."),
+    ("06_ff_vs_sf.png",
+     "Notebook 06: feature fusion (CLIP_FF, BLIP_FF) minus score fusion (CLIP_SF), per row of the "
+     "paper's table, at an equal training budget; a bar left of 0 is a row where score fusion retrieves better."),
+    ("07_modality_error.png",
+     "Notebook 07: share of the top 5 in the global pool with the wrong modality, with and without "
+     "instructions."),
+)
+MAX_FIGURE_BYTES = 150_000
+
+
+def figures_dir() -> Path:
+    """Where the README's figures are committed."""
+    return repo_root() / "figures"
+
+
+def run_figure_dir(report_json: str | Path, profile: str) -> Path:
+    """Where the run of `report_json` saved its figures: the FIG_DIR its notebooks were given (the
+    `*.parameters.yaml` beside the report), relative to the checkout that ran them (the nearest folder
+    above the report holding `profiles/`, else this one)."""
+    report_dir = Path(report_json).resolve().parent
+    params = sorted(report_dir.glob("*.parameters.yaml"))
+    given = (yaml.safe_load(params[0].read_text()) or {}).get("FIG_DIR") if params else None
+    fig_dir = Path(given or f"figures/{profile}")
+    if fig_dir.is_absolute():
+        return fig_dir
+    run_root = next((p for p in report_dir.parents if (p / "profiles").is_dir()), repo_root())
+    return run_root / fig_dir
+
+
+def headline_checks(metrics: dict[str, dict], headlines: dict[str, dict[str, str]] | None = None) -> dict:
+    """{notebook: [(label, MetricCheck), ...]} of the declared headlines in a run's recorded metrics
+    ({notebook: {metric: {"value", "expected", "tolerance", "check", "ok"}}}); a headline that the run
+    did not check (no expectation, or not recorded) is an error naming it."""
+    headlines = HEADLINES if headlines is None else headlines
+    out, problems = {}, []
+    for notebook, keys in headlines.items():
+        out[notebook] = []
+        for key, label in keys.items():
+            m = metrics.get(notebook, {}).get(key)
+            if m is None or m.get("ok") is None:
+                problems.append(f"{notebook}/{key}: " + ("not recorded" if m is None else "recorded but not checked"))
+                continue
+            out[notebook].append((label, _check(key, m)))
+    if problems:
+        raise ValueError("a headline of readme.HEADLINES must be a checked metric of the recorded run: "
+                         + "; ".join(problems))
+    return out
+
+
+def _check(name: str, m: dict):
+    from uniir_lite.kit.record import MetricCheck
+
+    return MetricCheck(name, **m)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def record_run(report_json: str | Path) -> Path:
-    """Copy the per-notebook seconds and checked metrics of a passing report into results/measured.json."""
+    """Copy the per-notebook seconds and checked metrics of a passing report into results/measured.json
+    and, for a README_PROFILE run, its FIGURES into figures/. Everything is checked before anything is
+    written: a failed run, a headline the run did not check, or a missing or oversized figure."""
     report = json.loads(Path(report_json).read_text())
     if not report.get("ok"):
         raise ValueError(f"{report_json}: the run did not pass; record only from a passing run")
-    env = report["environment"]
-    measured = load_measured()
-    measured[report["profile"]] = {
+    profile, env = report["profile"], report["environment"]
+    metrics = {nb["name"]: nb["metrics"] for nb in report["notebooks"]}
+    run = {
         "device": env.get("cuda") or f"cpu ({env.get('cpu_count')} cores)",
         "date": report["started"][:10],
         "git": env.get("git"),
         "seconds": {nb["name"]: nb["seconds"] for nb in report["notebooks"]},
-        "metrics": {nb["name"]: nb["metrics"] for nb in report["notebooks"]},
+        "metrics": metrics,
     }
+    sources = []
+    if profile == README_PROFILE:
+        headline_checks(metrics)
+        fig_dir = run_figure_dir(report_json, profile)
+        for name, _ in FIGURES:
+            src = fig_dir / name
+            if not src.is_file():
+                raise FileNotFoundError(f"{src}: a figure of readme.FIGURES that the run did not save")
+            if src.stat().st_size > MAX_FIGURE_BYTES:
+                raise ValueError(f"{src}: {src.stat().st_size:,} bytes, over the {MAX_FIGURE_BYTES:,} a committed "
+                                 "figure may have; pick another in readme.FIGURES or save it smaller")
+            sources.append(src)
+        run["figures"] = {src.name: _digest(src) for src in sources}
+    for src in sources:
+        with atomic_open(figures_dir() / src.name, "wb") as f:
+            f.write(src.read_bytes())
+    measured = load_measured()
+    measured[profile] = run
     write_json_atomic(measured_path(), measured)
     return measured_path()
 
 
-def notebook_table() -> str:
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def _headline_cell(checks: list) -> str:
+    return "; ".join(f"{label} **{_num(c.value)}** ({c.describe_expected()})" for label, c in checks) or "-"
+
+
+def notebook_table(headlines: dict[str, dict[str, str]] | None = None) -> str:
+    """One row per notebook of the manifest: what it teaches (notebooks/manifest.yaml), its headline
+    numbers measured in the recorded README_PROFILE run beside their expectation, and the minutes of
+    each profile's recorded run (with what the profile needs)."""
     manifest = yaml.safe_load((repo_root() / "notebooks" / "manifest.yaml").read_text())
+    headlines = HEADLINES if headlines is None else headlines
+    unknown = sorted(set(headlines) - {entry["name"] for entry in manifest["notebooks_info"]})
+    if unknown:
+        raise ValueError(f"readme.HEADLINES names notebooks that are not in the manifest: {', '.join(unknown)}")
     measured = load_measured()
-    header = "| # | notebook | what it teaches | " + " | ".join(
-        f"{p} ({measured[p]['device']})" if p in measured else p for p in PROFILES
-    ) + " |"
-    lines = [header, "|---|---|---|" + "---:|" * len(PROFILES)]
+    base = measured.get(README_PROFILE)
+    checks = headline_checks(base["metrics"], headlines) if base else {}
+    header = (f"| # | notebook | what it teaches | headline numbers, `{README_PROFILE}` run: measured (expected) | "
+              + " | ".join(f"{p}, on {measured[p]['device']}" if p in measured else p for p in PROFILES) + " |")
+    lines = [header, "|---|---|---|---|" + "---:|" * len(PROFILES)]
     for entry in manifest["notebooks_info"]:
+        name = entry["name"]
         cells = []
         for profile in PROFILES:
-            seconds = measured.get(profile, {}).get("seconds", {}).get(entry["name"])
+            seconds = measured.get(profile, {}).get("seconds", {}).get(name)
             need = entry["hardware"][profile]
-            cells.append(f"{seconds / 60:.1f} min, {need}" if seconds is not None else f"not yet measured, {need}")
-        number = entry["name"][:2]
-        lines.append(f"| {number} | [{entry['name']}](notebooks/{entry['name']}.ipynb) | {entry['teaches']} | " + " | ".join(cells) + " |")
+            cells.append(f"{_minutes(seconds)}, {need}" if seconds is not None else f"not yet measured, {need}")
+        headline = _headline_cell(checks.get(name, [])) if base else "not yet measured"
+        lines.append(f"| {name[:2]} | [{name}](notebooks/{name}.ipynb) | {entry['teaches']} | {headline} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def figures_block() -> str:
+    """The FIGURES, as committed in figures/ by the last recorded README_PROFILE run, with captions."""
+    run = load_measured().get(README_PROFILE)
+    if not run or "figures" not in run:
+        return f"(no recorded `{README_PROFILE}` run yet: `make reproduce && make readme`)"
+    out = [f"From the recorded `{README_PROFILE}` run ({run['device']}, {run['date']}, git {run['git']}); "
+           f"`make readme` copies them from `figures/{README_PROFILE}/` into `figures/`.", ""]
+    for name, caption in FIGURES:
+        out += [f"![{Path(name).stem}](figures/{name})", "", f"*{caption}*", ""]
+    return "\n".join(out).rstrip("\n")
 
 
 def metrics_table(profile: str = "tiny") -> str:
     """The checked metrics of each notebook: measured in the recorded run, and the expected range."""
-    from uniir_lite.kit.record import MetricCheck
-
     run = load_measured().get(profile)
     if not run:
         return f"(no recorded `{profile}` run yet: `make reproduce && make readme`)"
@@ -79,8 +240,7 @@ def metrics_table(profile: str = "tiny") -> str:
         for name, m in metrics.items():
             if m["ok"] is None:
                 continue
-            check = MetricCheck(name, m["value"], m["expected"], m["tolerance"], m["check"], m["ok"])
-            lines.append(f"| {notebook} | {name} | {m['value']:.4g} | {check.describe_expected()} |")
+            lines.append(f"| {notebook} | {name} | {m['value']:.4g} | {_check(name, m).describe_expected()} |")
     return "\n".join(lines)
 
 
@@ -141,9 +301,11 @@ def performance_table(results_dir: str | Path | None = None) -> str:
     return "\n".join(out).rstrip("\n")
 
 
-BLOCKS = {"notebooks": notebook_table, "metrics": metrics_table, "performance": performance_table}
+BLOCKS = {"notebooks": notebook_table, "figures": figures_block, "metrics": metrics_table,
+          "performance": performance_table}
 # Which generated blocks each page holds (paths relative to the checkout).
-PAGES = {"README.md": ("notebooks",), "results/README.md": ("metrics",), "benchmarks/README.md": ("performance",)}
+PAGES = {"README.md": ("notebooks", "figures"), "results/README.md": ("metrics",),
+         "benchmarks/README.md": ("performance",)}
 
 
 def render(text: str, blocks: tuple[str, ...] = tuple(BLOCKS), page: str = "README.md") -> str:
@@ -156,10 +318,17 @@ def render(text: str, blocks: tuple[str, ...] = tuple(BLOCKS), page: str = "READ
 
 
 def stale_pages() -> list[str]:
-    """The pages whose generated blocks differ from what `make readme` would write."""
+    """The pages whose generated blocks differ from what `make readme` would write, and the committed
+    figures that are missing or differ from the ones the recorded run copied."""
     root = repo_root()
-    return [page for page, blocks in PAGES.items()
-            if render((root / page).read_text(), blocks, page) != (root / page).read_text()]
+    stale = [page for page, blocks in PAGES.items()
+             if render((root / page).read_text(), blocks, page) != (root / page).read_text()]
+    recorded = load_measured().get(README_PROFILE, {}).get("figures", {})
+    for name in dict.fromkeys([name for name, _ in FIGURES] + list(recorded)):
+        path = figures_dir() / name
+        if name not in recorded or not path.is_file() or _digest(path) != recorded[name]:
+            stale.append(f"figures/{name}")
+    return stale
 
 
 def update_readme() -> bool:
