@@ -71,7 +71,7 @@ from uniir_lite.config import load_profile, profile_names
 from uniir_lite.data import mbeir
 from uniir_lite.data.validate import validate_dir
 from uniir_lite.env import environment
-from uniir_lite.evaluation import average, evaluate, load_pairs
+from uniir_lite.evaluation import average, chance_level, evaluate, load_pairs
 from uniir_lite.metrics import paper_table
 from uniir_lite.viz import MODALITY_COLORS, image_grid, save_figure
 
@@ -361,16 +361,13 @@ def embed_candidates(pool):
 # against it with a model of random vectors.
 
 # %%
-from uniir_lite.metrics import chance_recall  # mean over queries of 1 - C(N - P, k) / C(N, k)
-
-
 random_dim = cfg.embed_dim
 random_eval = evaluate(
     test,
     lambda queries: rng.standard_normal((len(queries), random_dim)),
     lambda pool: rng.standard_normal((len(pool), random_dim)),
 )
-chance = {d.pair.name: chance_recall(d, d.pair.metric_k) for d in test}
+chance = chance_level(test)  # per pair: the mean over queries of 1 - C(N - P, k) / C(N, k)
 random_avg, chance_avg = average(random_eval.results), float(np.mean(list(chance.values())))
 print(f"random vectors: average paper recall {random_avg:.3f}; exact chance level {chance_avg:.3f}")
 

@@ -58,11 +58,6 @@ class InstructRecipe:
                     seed=cfg.seed, lr=4e-3 if tiny else 3e-4, encoder=encoder or {}, freeze_word_embeddings=tiny)
         return cls(**{**base, **overrides})
 
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["tasks"] = list(self.tasks)  # JSON has no tuples: compare like with like
-        return d
-
 
 def encoder_fingerprint(cfg: Config) -> dict:
     """What identifies the frozen image encoder: CLIP's recipe (or its pretrained tag)."""
@@ -93,13 +88,6 @@ def fit_vqa_pair(models: nn.ModuleDict, cfg: Config, recipe: InstructRecipe, exa
                                 precision=cfg.precision, progress=progress)
         histories[name] = fit(model, vqa_loss_fn, batches, train_cfg, cfg.device)
     return histories
-
-
-def train_vqa_pair(cfg: Config, recipe: InstructRecipe, examples: Examples, image_embeds: torch.Tensor,
-                   progress: bool = False) -> tuple[nn.ModuleDict, dict[str, pd.DataFrame]]:
-    """(models, histories): both variants built (`build_vqa_pair`) and trained (`fit_vqa_pair`)."""
-    models = build_vqa_pair(recipe, image_embeds.shape[-1])
-    return models, fit_vqa_pair(models, cfg, recipe, examples, image_embeds, progress)
 
 
 def instructblip_checkpoint_dir(cfg: Config) -> Path:
