@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import ir_measures
+import numpy as np
 import pytest
 from ir_measures import R, Success, nDCG
 
@@ -20,6 +21,8 @@ from uniir_lite.metrics import (
     fractional_recall_at_k,
     modality_error_at_k,
     ndcg_at_k,
+    bootstrap_average,
+    paper_numbers,
     paper_table,
     recall_at_k,
     recall_at_k_per_query,
@@ -245,12 +248,56 @@ def test_paper_table() -> None:
         _result("FashionIQ", 7, **{"recall@5": 0.10, "recall@10": 0.25}),  # reported at R@10
         _result("MSCOCO", 0, **{"recall@5": 0.80, "recall@10": 0.90}),
     ]
-    table = paper_table(results)
+    table = paper_table(results, interval=False)
     assert list(table.columns) == ["task", "dataset", "metric", "value"]
     assert table["dataset"].tolist() == ["MSCOCO", "FashionIQ", "CIRR", "Average"]
     assert table["task"].tolist()[:3] == ["1. qt->ci", "7. (qi,qt)->ci", "7. (qi,qt)->ci"]
     assert table["metric"].tolist()[:3] == ["R@5", "R@10", "R@5"]
     assert table["value"].tolist() == pytest.approx([80.0, 25.0, 40.0, (80 + 25 + 40) / 3])
+
+
+def test_paper_table_interval_and_paper_column() -> None:
+    results = [
+        {"dataset": "MSCOCO", "task_id": 0, "n_queries": 50, "metrics": {"recall@5": 0.5}},
+        {"dataset": "CIRR", "task_id": 7, "n_queries": 50, "metrics": {"recall@5": 0.0}},
+    ]
+    table = paper_table(results, paper={"mscoco_task0": 81.1, "cirr_task7": 44.6})
+    assert list(table.columns) == ["task", "dataset", "metric", "value", "low", "high", "paper"]
+    coco, cirr, avg = table.to_dict("records")
+    # Wilson 95 % at 25/50: 36.6 to 63.4 (by hand: centre 0.5, half-width 1.96 sqrt(0.25/50 + 1.96^2/1e4) / 1.0768)
+    assert (coco["low"], coco["high"]) == pytest.approx((36.64, 63.36), abs=0.01)
+    assert cirr["low"] == 0.0 and cirr["high"] == pytest.approx(7.14, abs=0.01)  # not zero-width at 0
+    assert avg["value"] == 25.0 and avg["paper"] == pytest.approx((81.1 + 44.6) / 2)
+    # the mean of two independent rows, each row's s.e. its Wilson half-width / 1.96
+    row_se = [(r["high"] - r["low"]) / 2 / 1.96 for r in (coco, cirr)]
+    assert avg["high"] - avg["value"] == pytest.approx(1.96 * np.hypot(*row_se) / 2)
+
+
+def test_bootstrap_average_covers_the_value_and_pairs_by_query() -> None:
+    rng = np.random.default_rng(1)
+    a = {"x": (rng.random(200) < 0.6).astype(float), "y": (rng.random(100) < 0.3).astype(float)}
+    value, low, high = bootstrap_average(a)
+    assert value == pytest.approx((a["x"].mean() + a["y"].mean()) / 2)
+    assert low < value < high and 0.05 < high - low < 0.2
+    # a copy that differs on 10 queries of x: the paired interval is tight around 10/200 / 2
+    b = {"x": a["x"].copy(), "y": a["y"].copy()}
+    flip = np.flatnonzero(a["x"] == 1)[:10]
+    b["x"][flip] = 0
+    diff, dlow, dhigh = bootstrap_average(a, b)
+    assert diff == pytest.approx(10 / 200 / 2)
+    assert 0 < dlow < diff < dhigh < 0.05
+    with pytest.raises(ValueError, match="different pairs"):
+        bootstrap_average(a, {"x": a["x"]})
+
+
+def test_paper_numbers_reads_the_transcribed_tables() -> None:
+    local = paper_numbers("table6_mbeir_local", "UniIR_CLIP_SF")
+    assert len(local) == 16 and local["mscoco_task0"] == 81.1
+    assert np.mean(list(paper_numbers("table2_mbeir_global_5p6M", "UniIR_CLIP_SF").values())) == pytest.approx(48.9, abs=0.05)
+    assert list(paper_numbers("table7_heldout_3_datasets", "UniIR_CLIP_SF")) == [
+        "webqa_task1", "webqa_task2", "oven_task6", "cirr_task7", "oven_task8"]
+    with pytest.raises(KeyError, match="no column 'CLIP_XX'"):
+        paper_numbers("table6_mbeir_local", "CLIP_XX")
 
 
 def test_compare_tables() -> None:
@@ -301,10 +348,10 @@ def test_eval_run_command_table(tmp_path, capsys) -> None:
     run, qrels, _ = _write_inputs(tmp_path)
     assert eval_run_command(str(run), str(qrels), None, as_json=False) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["task", "dataset", "metric", "value"]
-    assert out[1].split() == ["1.", "qt->ci", "MSCOCO", "R@5", "100.0"]
-    assert out[2].split() == ["4.", "qi->ct", "MSCOCO", "R@5", "100.0"]
-    assert out[3].split() == ["Average", "100.0"]
+    assert out[0].split() == ["task", "dataset", "metric", "value", "low", "high"]  # 95 % Wilson
+    assert out[1].split() == ["1.", "qt->ci", "MSCOCO", "R@5", "100.0", "20.7", "100.0"]
+    assert out[2].split() == ["4.", "qi->ct", "MSCOCO", "R@5", "100.0", "20.7", "100.0"]
+    assert out[3].split() == ["Average", "100.0", "71.9", "100.0"]
 
 
 def test_eval_run_command_bad_input(tmp_path, capsys) -> None:

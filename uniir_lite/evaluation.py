@@ -32,7 +32,7 @@ from uniir_lite.data.mbeir import (
     read_qrels,
     read_queries,
 )
-from uniir_lite.metrics import evaluate_pairs
+from uniir_lite.metrics import evaluate_pairs, recall_at_k_per_query
 from uniir_lite.retrieval import search_dids
 
 EmbedQueries = Callable[[list[Query]], np.ndarray]
@@ -113,6 +113,16 @@ def evaluate(
             ranked = search_dids(q_emb, c_emb, list(d.pool["did"]), k, backend=backend)
         run.update({q.qid: r for q, r in zip(d.queries, ranked)})
     return Evaluation(evaluate_pairs(run, _merged_qrels(data), did_modality), run)
+
+
+def paper_hits(ev: Evaluation, data: list[PairData]) -> dict[str, np.ndarray]:
+    """`{pair name: per-query hit at the paper's k}` (1.0 when a positive is in the top k), in the
+    order of each pair's queries: what `metrics.bootstrap_average` resamples for an interval."""
+    out = {}
+    for d in data:
+        per_query = recall_at_k_per_query(ev.run, d.qrels.rel, d.pair.metric_k)
+        out[d.pair.name] = np.array([per_query[q.qid] for q in d.queries if q.qid in per_query])
+    return out
 
 
 def average(results: list[dict], metric: str = "paper") -> float:

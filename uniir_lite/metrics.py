@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ir_measures
+import numpy as np
 import pandas as pd
 
 from uniir_lite.data.mbeir import (
@@ -241,32 +242,115 @@ def evaluate_pairs(
     return results
 
 
-def paper_table(results: Sequence[Mapping]) -> pd.DataFrame:
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % (z = 1.96) Wilson score interval of a hit rate `p` measured on `n` queries.
+
+    Taught in notebook 00. Unlike p +- 2 s.e. it stays inside [0, 1] and is not zero-width at
+    p = 0 or 1: 50 queries at 0.5 give [0.37, 0.63], a row's recall is known to about 13 points.
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
+def bootstrap_average(
+    hits: Mapping[str, Sequence[float]],
+    other: Mapping[str, Sequence[float]] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """(value, low, high): the plain mean over pairs of each pair's mean hit, with a percentile
+    bootstrap interval that resamples each pair's queries.
+
+    `hits` is `{pair: per-query hit (0/1 or recall) in query order}`. With `other` (the same pairs
+    and queries, another model or setting), it is the difference `hits - other`, resampled paired
+    by query: the interval of a headline difference ("instructions add 14 points").
+    """
+    rng = np.random.default_rng(seed)
+    pairs = sorted(hits)
+    if other is not None and sorted(other) != pairs:
+        raise ValueError(f"bootstrap_average: the two sides have different pairs: {pairs} vs {sorted(other)}")
+    diffs = []
+    for pair in pairs:
+        a = np.asarray(hits[pair], dtype=np.float64)
+        b = np.zeros_like(a) if other is None else np.asarray(other[pair], dtype=np.float64)
+        if a.shape != b.shape:
+            raise ValueError(f"bootstrap_average: pair {pair} has {a.size} queries on one side, {b.size} on the other")
+        diffs.append(a - b)
+    value = float(np.mean([d.mean() for d in diffs]))
+    boot = np.zeros(n_boot)
+    for d in diffs:  # [n_boot] per pair, averaged over pairs
+        boot += d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    boot /= len(diffs)
+    tail = 100 * (1 - level) / 2
+    return value, float(np.percentile(boot, tail)), float(np.percentile(boot, 100 - tail))
+
+
+def paper_table(
+    results: Sequence[Mapping], paper: Mapping[str, float] | None = None, interval: bool = True
+) -> pd.DataFrame:
     """The paper's table (Tables 2 and 6) from `evaluate_pairs` results, in percent.
 
     One row per pair present, in the paper's order, with the paper's
     metric (Recall@5; Recall@10 for Fashion200K and FashionIQ), then an "Average" row: the plain
     mean over the rows present, as the paper averages its 16 rows. Columns: task (paper number
-    and short name, e.g. "1. qt->ci"), dataset, metric, value.
+    and short name, e.g. "1. qt->ci"), dataset, metric, value; with `interval`, `low` and `high`
+    (95 %: Wilson per row; for the average, the normal interval of a mean of independent rows, each
+    row's variance read from its Wilson width);
+    with `paper` (`{pair name: percent}`, from `paper_numbers`), the paper's value as `paper`.
     """
     by_key = {(r["dataset"], r["task_id"]): r for r in results}
-    rows = []
+    rows, variances = [], []
     for pair in EVAL_PAIRS:
         result = by_key.get((pair.dataset, pair.task_id))
         if result is None:
             continue
         task = TASKS[pair.task_id]
-        rows.append(
-            {
-                "task": f"{task.paper_number}. {task.short}",
-                "dataset": pair.dataset,
-                "metric": f"R@{pair.metric_k}",
-                "value": 100.0 * result["metrics"][f"recall@{pair.metric_k}"],
-            }
-        )
-    table = pd.DataFrame(rows, columns=["task", "dataset", "metric", "value"])
-    average = {"task": "", "dataset": "Average", "metric": "", "value": table["value"].mean()}
-    return pd.concat([table, pd.DataFrame([average])], ignore_index=True)
+        value = result["metrics"][f"recall@{pair.metric_k}"]
+        n = result["n_queries"]
+        low, high = wilson_interval(value, n)
+        variances.append(((high - low) / (2 * 1.96)) ** 2)  # the Wilson width as a variance: not 0 at p = 0 or 1
+        row = {
+            "task": f"{task.paper_number}. {task.short}",
+            "dataset": pair.dataset,
+            "metric": f"R@{pair.metric_k}",
+            "value": 100.0 * value,
+            "low": 100.0 * low,
+            "high": 100.0 * high,
+        }
+        if paper is not None:
+            row["paper"] = paper.get(pair.name, float("nan"))
+        rows.append(row)
+    columns = ["task", "dataset", "metric", "value"] + (["low", "high"] if interval else []) + (["paper"] if paper is not None else [])
+    table = pd.DataFrame(rows, columns=["task", "dataset", "metric", "value", "low", "high", "paper"])
+    mean = table["value"].mean()
+    half = 100.0 * 1.96 * np.sqrt(np.sum(variances)) / max(len(variances), 1)
+    average = {"task": "", "dataset": "Average", "metric": "", "value": mean, "low": max(0.0, mean - half), "high": min(100.0, mean + half)}
+    if paper is not None:
+        average["paper"] = table["paper"].mean()
+    return pd.concat([table, pd.DataFrame([average])], ignore_index=True)[columns]
+
+
+def paper_numbers(table: str, column: str) -> dict[str, float]:
+    """One column of one of the paper's tables, `{pair name: percent}` (e.g. `paper_numbers(
+    "table6_mbeir_local", "UniIR_CLIP_SF")["mscoco_task0"]`), from `results/paper_numbers.json`
+    (transcribed from the UniIR paper's table images; its `_about` and `_source` fields say how)."""
+    from uniir_lite.config import repo_root
+
+    path = repo_root() / "results" / "paper_numbers.json"
+    data = json.loads(path.read_text())
+    if table not in data or column not in data[table]:
+        known = {t: sorted(c for c in v if not c.startswith("_")) for t, v in data.items() if isinstance(v, dict)}
+        raise KeyError(f"{path}: no column {column!r} in table {table!r}; tables and columns: {known}")
+    # Table 7 and Figure 5 hold the five held-out rows (paper tasks 2, 3, 6, 7, 8 on WebQA, OVEN, CIRR)
+    names = _HELDOUT_PAIRS if "rows" in data[table] else [row[2] for row in data["rows"]]
+    return dict(zip(names, data[table][column]))
+
+
+_HELDOUT_PAIRS = ("webqa_task1", "webqa_task2", "oven_task6", "cirr_task7", "oven_task8")
 
 
 def compare_tables(local: pd.DataFrame, global_: pd.DataFrame) -> pd.DataFrame:
@@ -276,6 +360,7 @@ def compare_tables(local: pd.DataFrame, global_: pd.DataFrame) -> pd.DataFrame:
     rows follow the local table, then any rows only the global one has.
     """
     key = ["task", "dataset", "metric"]
+    local, global_ = local[key + ["value"]], global_[key + ["value"]]
     # Paper order: the local rows, then rows only the global table has; the Average rows (each
     # table's mean over its own rows) last. A left merge keeps the order of its left side.
     rows = pd.concat([local[key], global_[key]]).drop_duplicates()

@@ -3,8 +3,9 @@ and the block diagrams of the models (BLIP's MED in notebook 02, the fusion mode
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -48,9 +49,44 @@ def image_grid(
     for ax, img, title in zip(axes.flat, images, titles):
         if img is not None:
             ax.imshow(img)
-        ax.set_title("\n".join(textwrap.wrap(title, title_width)[:7]), fontsize=7)
+        # wrap each line on its own: a title's own line breaks ("rank 1\n<caption>") are kept
+        lines = [w for line in title.split("\n") for w in (textwrap.wrap(line, title_width) or [""])]
+        ax.set_title("\n".join(lines[:7]), fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def interactive(show: Callable[..., None], **controls: object) -> None:
+    """Call `show(**defaults)` once, and in a live Jupyter session add widgets that call it again.
+    `show` draws its own output (a figure shown with `plt.show()`, a table with `display`).
+
+    Each control is a string (a text box holding it), or `(choices, default)`: choices is a
+    `(min, max, step)` tuple for a slider or a list for a dropdown. Headless runs (papermill,
+    `make reproduce`: UNIIR_KIT_HEADLESS is set) and kernels without ipywidgets show the default
+    call only, so the executed notebook holds the view a reader would first see.
+    """
+    defaults = {name: c if isinstance(c, str) else c[1] for name, c in controls.items()}
+    try:
+        import ipywidgets
+        from IPython import get_ipython
+    except ImportError:
+        ipywidgets = None
+    if ipywidgets is None or os.environ.get("UNIIR_KIT_HEADLESS") or get_ipython() is None:
+        show(**defaults)
+        return
+    widgets = {}
+    for name, control in controls.items():
+        if isinstance(control, str):
+            widgets[name] = ipywidgets.Text(value=control, description=name, continuous_update=False)
+            continue
+        choices, default = control
+        if isinstance(choices, tuple):
+            kind = ipywidgets.IntSlider if all(isinstance(v, int) for v in (*choices, default)) else ipywidgets.FloatSlider
+            low, high, step = choices
+            widgets[name] = kind(value=default, min=low, max=high, step=step, description=name, continuous_update=False)
+        else:
+            widgets[name] = ipywidgets.Dropdown(options=list(choices), value=default, description=name)
+    ipywidgets.interact(show, **widgets)
 
 
 # ---------------------------------------------------------------------------------------------

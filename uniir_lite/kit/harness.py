@@ -111,6 +111,7 @@ def _kernel_env() -> dict[str, str]:
         PYDEVD_DISABLE_FILE_VALIDATION="1",
         TOKENIZERS_PARALLELISM="false",
         TQDM_DISABLE=env.get("TQDM_DISABLE", "1"),
+        UNIIR_KIT_HEADLESS="1",  # viz.interactive draws its default view instead of widgets
     )
     return env
 
