@@ -215,7 +215,8 @@ def test_synth_command_prints_one_summary_line(tiny, tmp_path, capsys):
 
 
 def test_sizes_grow_as_documented():
-    assert SIZES["small"].eval_queries == 5 * SIZES["tiny"].eval_queries
+    assert SIZES["tiny"].eval_queries < SIZES["small"].eval_queries < SIZES["gpu"].eval_queries
+    assert SIZES["tiny"].pool_size < SIZES["small"].pool_size < SIZES["gpu"].pool_size
     gpu = SIZES["gpu"]
     union = 4 * gpu.train_large + gpu.train_small + len(synthetic.UPSAMPLED) * gpu.train_small * gpu.upsample
     assert union >= 100_000 and gpu.pool_size >= 5_000

@@ -39,7 +39,7 @@ class SynthSize:
 
 
 SIZES: dict[str, SynthSize] = {
-    "tiny": SynthSize("tiny", eval_queries=50, pool_size=250, train_large=600, train_small=200,
+    "tiny": SynthSize("tiny", eval_queries=150, pool_size=250, train_large=600, train_small=200,
                       upsample=2, entities=80),
     "small": SynthSize("small", eval_queries=250, pool_size=1250, train_large=3000, train_small=1000,
                        upsample=2, entities=400),
