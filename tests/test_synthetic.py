@@ -72,10 +72,10 @@ def test_layout_has_every_m_beir_file(tiny):
     for pair in EVAL_PAIRS:
         for split in ("val", "test"):
             queries = jsonl(query_path(tiny, split, pair.name))
-            assert 40 <= len(queries) <= 60, (pair.name, split, len(queries))
+            assert len(queries) == SIZES["tiny"].eval_queries, (pair.name, split, len(queries))
             assert {q["task_id"] for q in queries} == {pair.task_id}
             assert qrels_path(tiny, split, pair.name).is_file()
-            assert 50 <= len(jsonl(local_pool_path(tiny, pair.name, split))) <= 700
+            assert 50 <= len(jsonl(local_pool_path(tiny, pair.name, split))) <= 1600  # MSCOCO: 5 captions per image
     # MSCOCO alone has split-specific pools; there is no generic MSCOCO pool file.
     assert not (tiny / "cand_pool" / "local" / "mbeir_mscoco_task0_cand_pool.jsonl").exists()
     assert (tiny / "cand_pool" / "local" / "mbeir_mscoco_task0_val_cand_pool.jsonl").is_file()

@@ -27,7 +27,7 @@ from uniir_lite.data.synthetic.writer import SIZES, SynthSize, _write_unions, _W
 from uniir_lite.io import write_text_atomic
 
 GENERATOR = "uniir_lite.data.synthetic"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bumped whenever the same seed and size would write different files
 MANIFEST = "synthetic.json"
 # What write_benchmark owns inside its directory (and may delete to regenerate).
 _OUTPUTS = ("query", "cand_pool", "qrels", "instructions", "mbeir_images")

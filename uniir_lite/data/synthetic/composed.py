@@ -152,7 +152,7 @@ def _cirr(b: _Writer) -> None:
     edits = []
     for _ in range(2 * q):
         ref, edit, target, lure, text = _fresh_scene_edit(rng, used)
-        near_copy = jitter(ref, rng, move=0.02, tint=10)
+        near_copy = jitter(ref, rng, move=0.02, tint=4)
         _in_random_order(rng, [near_copy, target, lure], lambda s: add(s, b.local(t7), "pool"))
         edits.append((ref, edit, target, text))
     for _ in range(max(0, b.size.pool_size - 6 * q)):
@@ -163,7 +163,7 @@ def _cirr(b: _Writer) -> None:
     rng, used = b.rng(ds, "train"), set()
     for _ in range(b.size.train_small):
         ref, edit, target, lure, text = _fresh_scene_edit(rng, used)
-        near_copy = jitter(ref, rng, move=0.02, tint=10)
+        near_copy = jitter(ref, rng, move=0.02, tint=4)
         near, target_did, lure_did = _in_random_order(rng, [near_copy, target, lure],
                                                       lambda s: add(s, b.train_pool, "train"))
         b.query(ds, "train", t7, 7, [target_did], txt=text, img=b.image(ref, ds, "train"),
