@@ -16,6 +16,7 @@ import uniir_lite.multitask as multitask
 from uniir_lite.config import resolve
 from uniir_lite.data.mbeir import format_string, instructions_path, query_path, read_queries
 from uniir_lite.evaluation import load_pairs
+from uniir_lite.metrics import bootstrap_average
 from uniir_lite.fusion import build_uniir
 from uniir_lite.fusion import UniIRModel
 from uniir_lite.instructions import InstructionTable
@@ -144,3 +145,17 @@ def test_evaluate_model_scores_local_and_global_pools(cfg):
     assert set(chance) == {d.pair.name for d in data} and all(0 < v <= 1 for v in chance.values())
     big = [d for d in data if len(d.pool) > d.pair.metric_k]
     assert big and all(chance[d.pair.name] == pytest.approx(np.mean([min(1.0, d.pair.metric_k * len(q.pos) / len(d.pool)) for q in d.queries]), abs=0.35) for d in big)
+
+
+def test_paper_hits_average_to_the_paper_metric(cfg):
+    model = build_uniir("clip_sf", cfg, MINI, init="random")
+    data = load_pairs(MINI, "test")
+    local = evaluation.evaluate_model(model, cfg, MINI, data, instructions=True, policy="fixed")["local"]
+    hits = evaluation.paper_hits(local, data)
+    assert list(hits) == [d.pair.name for d in data]
+    by_pair = {(r["dataset"], r["task_id"]): r for r in local.results}
+    for d in data:
+        assert len(hits[d.pair.name]) == by_pair[(d.pair.dataset, d.pair.task_id)]["n_queries"]
+        assert set(np.unique(hits[d.pair.name])) <= {0.0, 1.0}
+    value, low, high = bootstrap_average(hits)
+    assert value == pytest.approx(evaluation.average(local.results)) and low <= value <= high
