@@ -9,12 +9,14 @@ from uniir_lite.data.synthetic import write_benchmark
 
 
 def test_setup_reads_the_knobs_from_globals(tmp_path):
+    # its own DATA_DIR: seed 3 would otherwise rewrite the checkout's data/synthetic/tiny (seed 0)
     notebook = {"PROFILE": "tiny", "SEED": 3, "DEVICE": None, "OUT_DIR": str(tmp_path / "out"),
-                "FIG_DIR": str(tmp_path / "fig"), "unrelated": 1}
+                "FIG_DIR": str(tmp_path / "fig"), "DATA_DIR": str(tmp_path / "data"), "unrelated": 1}
     cfg = uniir_lite.setup(notebook)
     assert cfg.profile == "tiny" and cfg.seed == 3 and cfg.device == "cpu"
     assert cfg.max_steps == load_profile("tiny")["MAX_STEPS"]  # absent: the profile's value
     assert (cfg.data_root / "instructions" / "query_instructions.tsv").is_file()  # the synthetic benchmark
+    assert cfg.data_root == tmp_path / "data"
     assert (tmp_path / "out" / "metrics").is_dir()
 
 
