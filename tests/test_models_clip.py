@@ -129,6 +129,15 @@ def test_training_lowers_the_loss_and_a_fixed_temperature_stays_fixed(cfg, micro
     assert (log["logit_scale"] - 2.0).abs().max() < 1e-5
 
 
+def test_log_every_step_logs_every_step_and_trains_the_same(cfg, micro_root):
+    recipe = ClipRecipe.from_config(cfg, steps=4)
+    model, _, log = train_clip(cfg, micro_root, recipe)
+    stepwise, _, every = train_clip(cfg, micro_root, recipe, log_every=1)
+    assert list(log["step"]) == [4] and list(every["step"]) == [1, 2, 3, 4]
+    assert every["loss"].mean() == pytest.approx(log["loss"].iloc[0], rel=1e-4)  # the 4-step window is their mean
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), stepwise.parameters()))
+
+
 def test_train_or_load_saves_then_loads(cfg, micro_root, monkeypatch):
     model, _ = train_or_load_clip(cfg, micro_root)
     _, saved = load_checkpoint(clip_checkpoint_dir(cfg))

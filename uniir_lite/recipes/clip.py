@@ -82,8 +82,10 @@ def init_clip(cfg: Config, recipe: ClipRecipe) -> tuple[torch.nn.Module, ClipTok
 
 
 def fit_clip(model: torch.nn.Module, tokenizer: ClipTokenizer, cfg: Config, root: str | Path, recipe: ClipRecipe,
-             progress: bool = False, pairs=None, loader=None) -> pd.DataFrame:
-    """Train `model` in place on the image-caption training pairs with `uniir_lite.train.fit`; the log."""
+             progress: bool = False, pairs=None, loader=None, log_every: int | None = None) -> pd.DataFrame:
+    """Train `model` in place on the image-caption training pairs with `uniir_lite.train.fit`; the log,
+    one row per `log_every` steps (default: `TrainConfig`'s; 1 logs every step, as notebook 01's short
+    temperature runs do). Logging does not change the training, so it is not part of the recipe."""
     from uniir_lite.data.images import ImageLoader
     from uniir_lite.data.pairs import image_caption_pairs
     from uniir_lite.train import TrainConfig, fit
@@ -94,20 +96,22 @@ def fit_clip(model: torch.nn.Module, tokenizer: ClipTokenizer, cfg: Config, root
     pairs = image_caption_pairs(root, "train") if pairs is None else pairs
     batches = pair_batches(pairs, loader, tokenizer, recipe.batch_size, recipe.seed, cfg.num_workers)
     warmup = recipe.steps // 10 if recipe.warmup_steps is None else recipe.warmup_steps
+    logging = {} if log_every is None else {"log_every": log_every}
     train_cfg = TrainConfig(max_steps=recipe.steps, lr=recipe.lr, warmup_steps=warmup,
-                            precision=cfg.precision, progress=progress)
+                            precision=cfg.precision, progress=progress, **logging)
     return fit(model, clip_loss_fn, batches, train_cfg, cfg.device)
 
 
 def train_clip(cfg: Config, root: str | Path, recipe: ClipRecipe | None = None, progress: bool = False,
-               pairs=None, loader=None):
+               pairs=None, loader=None, log_every: int | None = None):
     """Train a randomly initialised CLIP (`init_clip`, then `fit_clip`): (model in eval mode, tokenizer,
     training log). With `recipe.fixed_temperature` the logit scale stays at 1 / temperature; otherwise
     it is learned, as in CLIP. `pairs` (default: the training pairs of `root`) and `loader` (an
-    `ImageLoader` at `recipe.image_size`) can be passed to reuse them across runs."""
+    `ImageLoader` at `recipe.image_size`) can be passed to reuse them across runs; `log_every` as in
+    `fit_clip`."""
     recipe = recipe or ClipRecipe.from_config(cfg)
     model, tokenizer = init_clip(cfg, recipe)
-    log = fit_clip(model, tokenizer, cfg, root, recipe, progress, pairs, loader)
+    log = fit_clip(model, tokenizer, cfg, root, recipe, progress, pairs, loader, log_every)
     return model.eval(), tokenizer, log
 
 
