@@ -155,6 +155,17 @@ def test_itm_loss_shapes_and_labels(med):
     assert (out["neg_img"] != torch.arange(4)).all()
 
 
+def test_blip_loss_without_lm_is_itc_plus_itm(med):
+    """`lm=False` (BLIP's retrieval fine-tuning objective) drops the LM term and nothing else."""
+    px, ids, mask = _inputs(["a red circle", "two blue stars", "a green cross", "a pink square"])
+    batch = {"pixel_values": px, "input_ids": ids, "attention_mask": mask, "img_ids": torch.arange(4)}
+    full = blip.blip_loss(med, batch, torch.Generator().manual_seed(0))
+    short = blip.blip_loss(med, batch, torch.Generator().manual_seed(0), lm=False)
+    assert full["lm"] > 0 and short["lm"] == 0
+    assert torch.allclose(short["loss"], short["itc"] + short["itm"]) and short["loss"].requires_grad
+    assert torch.allclose(short["itc"], full["itc"]) and torch.allclose(short["itm"], full["itm"])
+
+
 def test_training_lowers_the_losses_and_checkpoint_reloads(cfg, toy, monkeypatch):
     root, pairs = toy
     monkeypatch.setattr("uniir_lite.data.pairs.image_caption_pairs", lambda r, split="train": pairs)

@@ -358,17 +358,21 @@ class ShortlistLogits:
 
 
 def blip_loss(model: BlipMED, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
-              hardness: float = 1.0) -> dict[str, torch.Tensor]:
+              hardness: float = 1.0, lm: bool = True) -> dict[str, torch.Tensor]:
     """ITC + ITM + LM on one batch (`pixel_values`, `input_ids`, `attention_mask`, `img_ids`), the
-    vision tower run once. The loss function given to `uniir_lite.train.fit`."""
+    vision tower run once. The loss function given to `uniir_lite.train.fit`. `lm=False` drops the LM
+    loss: ITC + ITM is BLIP's fine-tuning objective for retrieval."""
     with torch.no_grad():
         model.temp.clamp_(0.001, 0.5)
     ids, mask, img_ids = batch["input_ids"], batch["attention_mask"], batch.get("img_ids")
     image_embeds = model.encode_image(batch["pixel_values"])  # [n, 1+P, D]
     l_itc, sim_i2t = itc_loss(model.image_feat(image_embeds), model.text_feat(ids, mask), model.temp, img_ids)
     itm = itm_loss(model, image_embeds, ids, mask, sim_i2t.detach(), img_ids, generator, hardness)
-    lm_embeds = image_embeds if model.shared else model.encode_image(batch["pixel_values"], head="captioning")
-    l_lm = lm_loss(model, lm_embeds, ids, mask, shortlist=model.lm_shortlist)
+    if lm:
+        lm_embeds = image_embeds if model.shared else model.encode_image(batch["pixel_values"], head="captioning")
+        l_lm = lm_loss(model, lm_embeds, ids, mask, shortlist=model.lm_shortlist)
+    else:
+        l_lm = torch.zeros((), device=image_embeds.device)
     return {"loss": l_itc + itm["loss"] + l_lm, "itc": l_itc.detach(), "itm": itm["loss"].detach(),
             "lm": l_lm.detach(), "itm_acc": itm["acc"], "temp": model.temp.detach(), "hardness": hardness}
 
