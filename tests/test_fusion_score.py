@@ -158,3 +158,19 @@ def test_clip_sf_saved_pretrained_loads_through_the_builder(cfg, tmp_path, monke
     with torch.no_grad():
         assert torch.allclose(loaded.encode_query(side), source.encode_query(side), atol=1e-5)
     assert loaded.recipe["base"] == "openai"
+
+
+def test_single_modality_queries_drops_one_modality_on_tasks_6_and_8_only():
+    from uniir_lite.data.mbeir import Query
+    from uniir_lite.fusion.score import single_modality_queries
+
+    q = lambda task: Query(f"9:{task}", "what is this?", "a.jpg", "image,text", None, ["1:1"], [], task)  # noqa: E731
+    queries = [q(6), q(7), q(8)]
+    image_only = single_modality_queries(queries, "image")
+    assert [(x.txt, x.img_path, x.modality) for x in image_only] == [
+        (None, "a.jpg", "image"), ("what is this?", "a.jpg", "image,text"), (None, "a.jpg", "image")]
+    text_only = single_modality_queries(queries, "text")
+    assert [(x.txt, x.img_path) for x in text_only] == [("what is this?", None), ("what is this?", "a.jpg"), ("what is this?", None)]
+    assert queries[0].txt == "what is this?"  # the input is not modified
+    with pytest.raises(ValueError):
+        single_modality_queries(queries, "both")

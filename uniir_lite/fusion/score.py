@@ -30,6 +30,9 @@ from uniir_lite.fusion import Side, UniIRModel
 from uniir_lite.models.clip import MAX_LOGIT_SCALE
 
 TERMS = ("q_img·c_img", "q_img·c_txt", "q_txt·c_img", "q_txt·c_txt")  # the order of `score_terms`
+# Zero-shot baselines (UniIR issue #2): score fusion "for all tasks except task 6 and 8". How those two
+# are embedded is not stated; the kit keeps ONE query modality there (notebook 05 measures both on val).
+ZERO_SHOT_UNFUSED_TASKS = (6, 8)
 BLIP_SF_MAX_LEN = 64  # tokens; instructed queries are longer than captions (UniIR BLIP: 100)
 
 
@@ -73,6 +76,24 @@ def score_terms(q_img: torch.Tensor, q_txt: torch.Tensor, c_img: torch.Tensor, c
         scale = q_norm * c_norm if pairwise else q_norm[:, None] * c_norm[None, :]
         terms = terms / scale.unsqueeze(-1)
     return terms
+
+
+def single_modality_queries(queries: list, keep: str, tasks=ZERO_SHOT_UNFUSED_TASKS) -> list:
+    """The queries with one modality dropped on `tasks` (M-BEIR task ids): `keep="image"` removes the
+    text of an image+text query, `keep="text"` its image; other queries are returned unchanged.
+
+    Taught in notebook 05: the zero-shot baseline of the paper does not sum a query's two embeddings
+    on tasks 6 and 8 (UniIR issue #2); embedding the kept modality alone is our reading of that."""
+    import dataclasses as dc
+
+    if keep not in ("image", "text"):
+        raise ValueError(f"keep must be 'image' or 'text', got {keep!r}")
+    out = []
+    for q in queries:
+        if q.task_id in tasks and q.txt is not None and q.img_path is not None:
+            q = dc.replace(q, txt=None, modality="image") if keep == "image" else dc.replace(q, img_path=None, modality="text")
+        out.append(q)
+    return out
 
 
 class ScoreFusionModel(UniIRModel):
@@ -247,4 +268,5 @@ def build_blip_sf(cfg: Config, root: str | Path, init: str = "trained", fusion_w
     return BlipSF(retrieval, temp, fusion_weights, recipe).to(cfg.device)
 
 
-__all__ = ["BlipSF", "ClipSF", "ScoreFusionModel", "TERMS", "build_blip_sf", "build_clip_sf", "score_fusion", "score_terms"]
+__all__ = ["BlipSF", "ClipSF", "ScoreFusionModel", "TERMS", "ZERO_SHOT_UNFUSED_TASKS", "build_blip_sf", "build_clip_sf",
+           "score_fusion", "score_terms", "single_modality_queries"]
