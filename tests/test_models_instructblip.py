@@ -196,3 +196,35 @@ def test_recipe_follows_the_profile(cfg):
     big = ib_recipe.InstructRecipe.from_config(resolve("gpu"))
     assert big.num_query_tokens == 32 and not big.freeze_word_embeddings
     assert ib.qformer_config("gpu", 768).hidden_size == 768
+
+
+def test_held_out_templates_are_never_used_for_training():
+    scenes = [("a.jpg", SCENE)] * 40
+    train = ib.make_examples(scenes, ["colour", "background"], seed=0, templates=ib.TRAIN_TEMPLATES)
+    new = ib.make_examples(scenes, ["colour", "background"], seed=0, templates=ib.HELD_OUT_TEMPLATES)
+    assert set(ib.TRAIN_TEMPLATES).isdisjoint(ib.HELD_OUT_TEMPLATES)
+    assert set(train.of_task("background").questions) == {ib.TASKS["background"].templates[j] for j in ib.TRAIN_TEMPLATES}
+    assert set(new.of_task("background").questions) == {ib.TASKS["background"].templates[3]}
+    assert not set(new.questions) & set(train.questions) and torch.equal(new.answer, train.answer)
+    assert ib_recipe.InstructRecipe.from_config(resolve("tiny")).templates == ib.TRAIN_TEMPLATES
+
+
+def test_patch_region_marks_the_patches_around_a_cell():
+    # patch centres at 1/8, 3/8, ...; the top-left cell's centre (0.28, 0.28) is 0.13 from (3/8, 3/8),
+    # 0.18 from (1/8, 3/8) and 0.22 from (1/8, 1/8): three patches of the top-left quadrant
+    top_left = ib.patch_region("top left", 4).reshape(4, 4)
+    assert top_left.sum() == 3 and top_left[0, 1] and top_left[1, 0] and top_left[1, 1] and not top_left[0, 0]
+    assert ib.patch_region("bottom right", 4).reshape(4, 4)[2:, 2:].sum() == 3
+    assert (ib.patch_region("top left", 4) * ib.patch_region("top right", 4)).sum() == 0
+
+
+def test_answer_hits_and_patch_attention():
+    torch.manual_seed(0)
+    examples = ib.make_examples([("a.jpg", SCENE)] * 6, ["pattern"], seed=0)
+    embeds = torch.randn(6, 17, 32)
+    model = ib.InstructVQA(ib.qformer_config("tiny", 32), 4, 32).eval()
+    hits = ib.answer_hits(model, examples, embeds, "pattern")
+    assert hits.shape == (len(examples),) and set(hits.tolist()) <= {0.0, 1.0}
+    assert ib.answer_accuracy(model, examples, embeds, "pattern") == pytest.approx(float(hits.mean()))
+    w = ib.patch_attention(model.qformer, embeds[examples.img_idx], examples.input_ids, examples.attention_mask)
+    assert w.shape == (len(examples), 16) and torch.allclose(w.sum(1), torch.ones(len(examples)))

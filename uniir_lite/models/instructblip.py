@@ -10,7 +10,9 @@ image with the instruction in mind. Taught in notebook 04:
 - `InstructQFormer`: learned queries and transformers' `InstructBlipQFormerModel` over the tokens of a
   frozen CLIP vision tower; `instruction_aware=False` is the same model given an empty instruction;
 - `AnswerHead`: a one-layer transformer that stands in for InstructBLIP's language model: it reads
-  the projected query features and the instruction and scores the answers;
+  the projected query features and the instruction and scores the answers. Unlike InstructBLIP's
+  LLM, which stays frozen while only the Q-Former (and its projection) trains, the head is trained
+  with the Q-Former, and it knows only the answer words it was trained on;
 - training both variants on the held-in tasks is in `uniir_lite.recipes.instructblip`;
 - `build_instructblip(cfg)`: the whole `InstructBlipForConditionalGeneration`, tiny (random init),
   real-size (random init, `gpu`) or Salesforce's weights (`full`), and `check_image_tokens`, the guard
@@ -102,6 +104,10 @@ TASKS: dict[str, QuestionTask] = {t.name: t for t in (
         "How many items can you see?",
     ), held_in=False, refers=False),
 )}
+# Instruction tuning reads the first three templates of a task; the fourth is kept for a zero-shot
+# test of a new wording (the task is known, the phrasing is not).
+TRAIN_TEMPLATES = (0, 1, 2)
+HELD_OUT_TEMPLATES = (3,)
 HELD_IN = tuple(name for name, t in TASKS.items() if t.held_in)
 HELD_OUT = tuple(name for name, t in TASKS.items() if not t.held_in)
 # One answer vocabulary for every task (no answer word is shared between tasks).
@@ -210,17 +216,22 @@ def tokenize_instructions(questions: Sequence[str], max_length: int = MAX_INSTRU
     return enc["input_ids"], enc["attention_mask"]
 
 
-def make_examples(scenes: Sequence[tuple[str, dict]], tasks: Sequence[str], seed: int) -> Examples:
+def make_examples(scenes: Sequence[tuple[str, dict]], tasks: Sequence[str], seed: int,
+                  templates: Sequence[int] | None = None) -> Examples:
     """Every question `tasks` can ask about every scene, each in a template drawn at random (as
-    InstructBLIP samples one of a task's templates for every training example)."""
+    InstructBLIP samples one of a task's templates for every training example).
+
+    `templates` keeps only those positions of each task's templates (None: all of them): training on
+    `TRAIN_TEMPLATES` leaves `HELD_OUT_TEMPLATES`, wordings the model never read, for a zero-shot test."""
     rng = np.random.default_rng(seed)
     names = list(TASKS)
     img_idx, task_idx, answer, questions = [], [], [], []
     for i, (_, attrs) in enumerate(scenes):
         for task in tasks:
-            templates = TASKS[task].templates
+            phrasings = TASKS[task].templates
+            phrasings = phrasings if templates is None else [phrasings[j] for j in templates]
             for slots, ans in scene_questions(attrs, task):
-                questions.append(templates[int(rng.integers(len(templates)))].format(**slots))
+                questions.append(phrasings[int(rng.integers(len(phrasings)))].format(**slots))
                 img_idx.append(i)
                 task_idx.append(names.index(task))
                 answer.append(ANSWER_INDEX[ans])
@@ -334,6 +345,24 @@ def cross_attention_weights(qformer: InstructQFormer, image_embeds: torch.Tensor
     return torch.stack(out.cross_attentions, dim=1)
 
 
+@torch.no_grad()
+def patch_attention(qformer: InstructQFormer, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """[b, patches]: the last layer's cross-attention, averaged over heads and queries, class token
+    dropped, renormalised to sum to 1 over the patches: where the features come from."""
+    w = cross_attention_weights(qformer, image_embeds, input_ids, attention_mask)[:, -1].mean(dim=(1, 2))[:, 1:]  # [b, patches]
+    return w / w.sum(1, keepdim=True)
+
+
+def patch_region(cell: str, grid: int, radius: float = 0.2) -> torch.Tensor:
+    """[grid * grid] 1.0 on the patches whose centre lies within `radius` (image widths) of the centre
+    of `cell` (a key of the scenes' `CELLS`), row-major as the ViT's patch tokens."""
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    y, x = torch.meshgrid(centres, centres, indexing="ij")  # [grid, grid] each
+    x0, y0 = CELLS[cell]
+    return (((x - x0) ** 2 + (y - y0) ** 2) < radius**2).float().flatten()
+
+
 def instruction_vocabulary() -> list[int]:
     """The WordPiece ids that the instructions of `TASKS` can contain (every template, every slot word)."""
     from uniir_lite.models.tokenizers import bert_tokenizer
@@ -440,14 +469,20 @@ def _batched(fn, examples: Examples, image_embeds: torch.Tensor, device, batch_s
     return torch.cat(out)
 
 
-def answer_accuracy(model: InstructVQA, examples: Examples, image_embeds: torch.Tensor, task: str) -> float:
-    """Accuracy on `task`, the model's answer ranked among the task's answers only (InstructBLIP's
-    vocabulary ranking for classification tasks)."""
+def answer_hits(model: InstructVQA, examples: Examples, image_embeds: torch.Tensor, task: str) -> torch.Tensor:
+    """[n] 1.0 where the model answers `task`'s question right, its answer ranked among the task's
+    answers only (InstructBLIP's vocabulary ranking for classification tasks). No training on the
+    task is needed: a held-in task read in a new wording is scored zero-shot the same way."""
     ex = examples.of_task(task)
     device = next(model.parameters()).device
     logits = _batched(model.eval(), ex, image_embeds, device)[:, answer_ids(task)]  # [n, task answers]
-    truth = torch.tensor([answer_ids(task).index(a) for a in ex.answer.tolist()])
-    return float((logits.argmax(-1) == truth).float().mean())
+    truth = torch.tensor([answer_ids(task).index(a) for a in ex.answer.tolist()], dtype=torch.long)
+    return (logits.argmax(-1) == truth).float()
+
+
+def answer_accuracy(model: InstructVQA, examples: Examples, image_embeds: torch.Tensor, task: str) -> float:
+    """The mean of `answer_hits`: accuracy on `task`."""
+    return float(answer_hits(model, examples, image_embeds, task).mean())
 
 
 def hidden_states(model: InstructVQA, examples: Examples, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -459,6 +494,12 @@ def hidden_states(model: InstructVQA, examples: Examples, image_embeds: torch.Te
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  n_classes: int, steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> float:
     """Test accuracy of a softmax classifier trained, full batch, on frozen features (standardised)."""
+    return float(linear_probe_hits(train_x, train_y, test_x, test_y, n_classes, steps, lr, weight_decay, seed).mean())
+
+
+def linear_probe_hits(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                      n_classes: int, steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> torch.Tensor:
+    """[n_test] 1.0 where `linear_probe`'s classifier is right (for intervals on its accuracy)."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     g = torch.Generator().manual_seed(seed)
@@ -472,20 +513,27 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         F.cross_entropy(w(train_x), train_y).backward()
         opt.step()
     with torch.no_grad():
-        return float((w(test_x).argmax(-1) == test_y).float().mean())
+        return (w(test_x).argmax(-1) == test_y).float()
 
 
 def probe_task(model: InstructVQA, train: Examples, test: Examples, train_embeds: torch.Tensor,
                test_embeds: torch.Tensor, task: str, seed: int = 0) -> float:
-    """Freeze the instruction-tuned model, fit only a new answer readout (a linear probe on the answer
-    head's pooled state) on `task`'s training questions, and report its test accuracy. This is how
-    we read a held-out task: the model never trained on it, only the readout of its answers does."""
+    """The mean of `probe_hits`: test accuracy of a linear probe on the held-out `task`."""
+    return float(probe_hits(model, train, test, train_embeds, test_embeds, task, seed).mean())
+
+
+def probe_hits(model: InstructVQA, train: Examples, test: Examples, train_embeds: torch.Tensor,
+               test_embeds: torch.Tensor, task: str, seed: int = 0) -> torch.Tensor:
+    """[n_test] hits of a linear probe on a held-out task: freeze the instruction-tuned model, fit
+    only a new answer readout on its pooled answer-head state with `task`'s *training labels*, and
+    score the test questions. This measures what the frozen features hold about the task; it is not
+    zero-shot (the readout learns from the task's labels), unlike InstructBLIP's held-out evaluation."""
     tr, te = train.of_task(task), test.of_task(task)
     local = {a: i for i, a in enumerate(answer_ids(task))}
     ytr = torch.tensor([local[a] for a in tr.answer.tolist()])
     yte = torch.tensor([local[a] for a in te.answer.tolist()])
     xtr, xte = hidden_states(model, tr, train_embeds), hidden_states(model, te, test_embeds)
-    return linear_probe(xtr, ytr, xte, yte, len(local), seed=seed)
+    return linear_probe_hits(xtr, ytr, xte, yte, len(local), seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from uniir_lite.config import Config
 from uniir_lite.models.clip import image_token_width
 from uniir_lite.models.instructblip import (
     HELD_IN,
+    TRAIN_TEMPLATES,
     ExampleBatches,
     Examples,
     InstructVQA,
@@ -46,6 +47,7 @@ class InstructRecipe:
     encoder: dict
     freeze_word_embeddings: bool = False
     tasks: tuple[str, ...] = HELD_IN
+    templates: tuple[int, ...] = TRAIN_TEMPLATES  # the fourth wording of every task stays unseen
 
     @classmethod
     def from_config(cls, cfg: Config, encoder: dict | None = None, **overrides: Any) -> "InstructRecipe":
@@ -112,7 +114,7 @@ def train_or_load_instructblip(cfg: Config, root: str | Path, progress: bool = F
         scenes = scene_images(root, "train")
         loader = ImageLoader(root, cfg.image_size, cache=False)
         image_embeds = encode_image_tokens(clip_model.visual, loader, [p for p, _ in scenes])  # [n, T, width]
-        examples = make_examples(scenes, recipe.tasks, recipe.seed)
+        examples = make_examples(scenes, recipe.tasks, recipe.seed, templates=recipe.templates)
         return fit_vqa_pair(models, cfg, recipe, examples, image_embeds.to(cfg.device), progress=progress)
 
     trained = train_or_load(instructblip_checkpoint_dir(cfg), recipe, lambda: build_vqa_pair(recipe, image_token_width(cfg)),
