@@ -145,6 +145,27 @@ def test_hard_negatives_never_pick_the_positive_and_prefer_similar_ones():
     assert (picks[:, [0, 1, 2, 4, 5]] == 3).float().mean() > 0.9
 
 
+def test_itm_loss_is_one_positive_to_two_hard_negatives():
+    """BLIP-2's ITM: B pairs, each image with a negative text, each text with a negative image (3B)."""
+    torch.manual_seed(0)
+    model = blip2.Blip2Stage1(small_qformer().config)
+    image_embeds, input_ids, text_mask = inputs(batch=4)
+    text_mask[0, 4:] = 1
+    seen = {}
+
+    def perfect(images, ids, masks):  # records what the head is asked, answers with the labels it expects
+        seen.update(images=images, ids=ids)
+        return torch.tensor([[0.0, 1.0]] * 4 + [[1.0, 0.0]] * 8)
+
+    model.itm_logits = perfect
+    loss, accuracy = blip2.itm_loss(model, image_embeds, input_ids, text_mask, torch.randn(4, 4))
+    assert seen["images"].shape[0] == seen["ids"].shape[0] == 12 and accuracy == 1.0
+    assert torch.equal(seen["images"][:8], torch.cat([image_embeds, image_embeds]))  # pairs, then images with a wrong text
+    assert torch.equal(seen["ids"][:4], input_ids) and torch.equal(seen["ids"][8:], input_ids)  # texts with a wrong image
+    for i in range(4):
+        assert not torch.equal(seen["ids"][4 + i], input_ids[i]) and not torch.equal(seen["images"][8 + i], image_embeds[i])
+
+
 def test_stage1_loss_falls_when_training():
     from uniir_lite.train import TrainConfig, fit
 
@@ -156,7 +177,7 @@ def test_stage1_loss_falls_when_training():
     image_embeds = torch.eye(8)[:, None, :].repeat(1, 3, 1) + 0.01 * torch.randn(8, 3, 8)  # [8, 3, 8]
     input_ids = torch.stack([torch.tensor([2, 4 + i % 8, 3]) for i in range(8)])  # [CLS] w [SEP]
     batch = {"image_embeds": image_embeds, "input_ids": input_ids, "text_mask": torch.ones(8, 3, dtype=torch.long)}
-    log = fit(model, lambda m, b: blip2.stage1_loss(m, b, dec_id=1), [batch], TrainConfig(max_steps=60, lr=3e-3, log_every=10, progress=False))
+    log = fit(model, lambda m, b: blip2.stage1_loss(m, b, dec_id=1), [batch], TrainConfig(max_steps=120, lr=3e-3, log_every=10, progress=False))
     assert {"itc", "itm", "itg", "itm_acc"} <= set(log.columns)
     assert log.loss.iloc[-1] < 0.7 * log.loss.iloc[0]
     assert log.itg.iloc[-1] < log.itg.iloc[0]

@@ -221,3 +221,74 @@ def fusion_diagram() -> plt.Figure:
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def qformer_diagram() -> plt.Figure:
+    """BLIP-2's two stages as boxes (taught in notebook 03). Left, stage 1: the learned queries and the
+    text share the Q-Former's self-attention; only the queries cross-attend to the frozen image
+    encoder's tokens; the ITC, ITM and ITG heads read the outputs. Right, stage 2: the query outputs,
+    through one linear layer, become a soft prompt of a frozen language model. Returns the figure."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.45, 1]})
+    frozen, train_c, head, tokens = "#E0E0E0", "#C6DBEF", "#FFF3B0", "white"
+
+    def box(ax, x, y, w, h, text, color, fs=7.5, bold=False, ls="-"):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.03", fc=color, ec="#444444", lw=0.8, ls=ls))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fs, weight="bold" if bold else None)
+
+    def arrow(ax, x0, y0, x1, y1, color="#444444"):
+        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=9, color=color, lw=0.9))
+
+    # (a) stage 1
+    ax = axes[0]
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 6.4)
+    box(ax, 0.1, 0.2, 1.9, 0.5, "image", tokens)
+    box(ax, 0.1, 1.1, 1.9, 2.2, "frozen image\nencoder\n(notebook 01's\nCLIP ViT)", frozen, fs=8, bold=True)
+    arrow(ax, 1.05, 0.7, 1.05, 1.1)
+    box(ax, 2.6, 0.2, 2.3, 0.5, "learned queries (Lq)", train_c)
+    box(ax, 5.3, 0.2, 2.3, 0.5, "text: [CLS] / [DEC] ...", tokens)
+    # the Q-Former: one layer drawn, queries left, text right
+    ax.add_patch(FancyBboxPatch((2.45, 0.95), 5.3, 3.45, boxstyle="round,pad=0.05", fc="none", ec="#4C72B0", lw=1.2, ls="--"))
+    ax.text(7.65, 4.25, "Q-Former layer x N", ha="right", fontsize=7.5, color="#4C72B0")
+    box(ax, 2.6, 1.1, 5.0, 0.75, "self-attention, shared by queries and text\n(the mask: ITC unimodal / ITG causal / ITM bidirectional)", train_c)
+    box(ax, 2.6, 2.1, 2.3, 0.75, "cross-attention\nto the image", "#C7E9C0")
+    ax.text(6.45, 2.47, "(text: no cross-attention)", ha="center", va="center", fontsize=6.5, color="#777777")
+    box(ax, 2.6, 3.1, 2.3, 0.75, "feed forward\n(queries)", "#DADAEB")
+    box(ax, 5.3, 3.1, 2.3, 0.75, "feed forward\n(text)", "#DADAEB")
+    arrow(ax, 3.75, 0.7, 3.75, 1.1)
+    arrow(ax, 6.45, 0.7, 6.45, 1.1)
+    arrow(ax, 2.0, 2.47, 2.6, 2.47, color="#2E7D32")
+    ax.text(2.3, 2.7, "image\ntokens", fontsize=6.5, ha="center", color="#2E7D32")
+    for x, name, what in [(2.45, "ITC", "max over queries\nof cosine(z_q, t)"), (4.55, "ITM", "match? head on\nquery outputs"),
+                          (6.65, "ITG", "next word from\nqueries + text")]:
+        box(ax, x, 4.8, 1.25, 0.45, name, head, fs=9, bold=True)
+        ax.text(x + 0.62, 5.55, what, ha="center", va="bottom", fontsize=6.5)
+        arrow(ax, x + 0.62, 4.45, x + 0.62, 4.8)
+    ax.text(5.0, 6.3, "stage 1: the Q-Former learns to read the frozen image", ha="center", va="top", fontsize=10, weight="bold")
+    ax.text(8.0, 1.1, "blue: trained\ngrey: frozen", fontsize=7, color="#555555")
+
+    # (b) stage 2
+    ax = axes[1]
+    ax.set_xlim(0, 7)
+    ax.set_ylim(0, 6.4)
+    box(ax, 0.2, 0.2, 1.9, 0.5, "image", tokens)
+    box(ax, 0.2, 1.1, 1.9, 1.2, "frozen image\nencoder", frozen, fs=8, bold=True)
+    box(ax, 0.2, 2.7, 1.9, 1.0, "Q-Former\n(from stage 1)", train_c, fs=8, bold=True)
+    box(ax, 0.2, 4.1, 1.9, 0.55, "linear projection", train_c)
+    arrow(ax, 1.15, 0.7, 1.15, 1.1)
+    arrow(ax, 1.15, 2.3, 1.15, 2.7)
+    arrow(ax, 1.15, 3.7, 1.15, 4.1)
+    box(ax, 3.0, 1.1, 3.7, 3.55, "frozen language model\n(BLIP-2: OPT, decoder-only,\nor FlanT5, encoder-decoder;\nhere a tiny OPT)", frozen, fs=8, bold=True)
+    arrow(ax, 2.1, 4.37, 3.0, 3.6)
+    ax.text(2.55, 4.45, "Lq soft-\nprompt\nvectors", fontsize=6.5, ha="center")
+    box(ax, 3.3, 0.2, 3.1, 0.5, "caption so far", tokens)
+    arrow(ax, 4.85, 0.7, 4.85, 1.1)
+    box(ax, 3.9, 4.95, 1.9, 0.45, "next word", head, fs=9, bold=True)
+    arrow(ax, 4.85, 4.65, 4.85, 4.95)
+    ax.text(3.5, 6.3, "stage 2: the queries become a soft prompt", ha="center", va="top", fontsize=10, weight="bold")
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -48,7 +48,9 @@ class Stage1Recipe:
     num_layers: int = 2
     intermediate_size: int = 128  # BERT's is 4x the width; 2x costs less and trains as well here
     num_query_tokens: int = 8
-    cross_attention_frequency: int = 2  # BLIP-2's: every other layer reads the image
+    # BLIP-2 reads the image in every other of its 12 layers; with 2 layers that would be one read,
+    # before the queries have seen the text. Here both layers read the image (notebook 03 measures ITM).
+    cross_attention_frequency: int = 1
     embed_dim: int = 64
     initializer_range: float = 0.125  # 1/sqrt(width); see `QFormerConfig.initializer_range`
     lr: float = 3e-3
@@ -58,7 +60,7 @@ class Stage1Recipe:
     def from_config(cls, cfg: Config, **overrides: Any) -> "Stage1Recipe":
         base = dict(steps=2 * cfg.max_steps // 3, batch_size=max(2, cfg.batch_size // 2), seed=cfg.seed, embed_dim=cfg.embed_dim)
         if cfg.profile != "tiny":  # BLIP-2's Q-Former shape: BERT-base, 32 queries, 256-d ITC space, BERT's init
-            base.update(hidden_size=768, num_layers=12, intermediate_size=3072, num_query_tokens=32, embed_dim=256, initializer_range=0.02,
+            base.update(hidden_size=768, num_layers=12, cross_attention_frequency=2, intermediate_size=3072, num_query_tokens=32, embed_dim=256, initializer_range=0.02,
                         lr=1e-4, warmup_steps=min(2000, cfg.max_steps // 10), steps=cfg.max_steps, batch_size=cfg.batch_size)
         return cls(**{**base, **overrides})
 
@@ -121,7 +123,7 @@ def train_or_load_qformer(cfg: Config, root: str | Path, data: QFormerCaptionDat
                                precision=cfg.precision, progress=progress), cfg.device)
 
     trained = train_or_load(_directory(cfg, "stage1"), _stage1_key(cfg, tokenizer),
-                            lambda: init_stage1(cfg, tokenizer, image_token_width(cfg)), train, cfg.device, force)
+                            lambda: init_stage1(cfg, tokenizer, image_token_width(cfg)), train, cfg.device, force, data=root)
     return trained.model, tokenizer
 
 
@@ -173,7 +175,7 @@ def train_or_load_caption_lm(cfg: Config, root: str | Path, tokenizer: CaptionTo
                                precision=cfg.precision, progress=progress), cfg.device)
 
     key = {"lm": as_json(recipe), "tokenizer": tokenizer.config()}
-    return train_or_load(_directory(cfg, "lm"), key, build, train, cfg.device, force).model.requires_grad_(False)
+    return train_or_load(_directory(cfg, "lm"), key, build, train, cfg.device, force, data=root).model.requires_grad_(False)
 
 
 @dataclasses.dataclass
@@ -213,4 +215,4 @@ def train_or_load_captioner(cfg: Config, root: str | Path, stage1: Blip2Stage1, 
 
     key = {"stage2": as_json(recipe), "lm": as_json(LMRecipe.from_config(cfg)), **_stage1_key(cfg, tokenizer)}
     return train_or_load(_directory(cfg, "stage2"), key, lambda: new_captioner(stage1, lm, recipe.seed), train,
-                         cfg.device, force).model
+                         cfg.device, force, data=root).model
