@@ -1,6 +1,7 @@
 """The trainer, checkpoints, the one train-or-load, image loading and offline tokenizers."""
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -188,6 +189,28 @@ def test_train_or_load_retrains_on_another_recipe_force_or_an_unfinished_checkpo
     model.load_state_dict(state)
     save_checkpoint(tmp_path / "m", model, {**saved, "complete": False})  # a run killed before its end
     assert _run(tmp_path / "m", _Recipe(3, tasks=("a",)))[1] == 1
+
+
+def test_train_or_load_retrains_when_the_synthetic_benchmark_changed(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = {"generator": "uniir_lite.data.synthetic", "version": 2, "size": "tiny", "seed": 0, "image_px": 64,
+                "sizes": {"eval_queries": 150}, "complete": True, "images": 10}
+
+    def run(**changes):
+        (data / "synthetic.json").write_text(json.dumps({**manifest, **changes}))
+        calls = _Calls(_Recipe(3))
+        trained = train_or_load(tmp_path / "m", _Recipe(3), calls.build, calls.train, data=data)
+        return trained, calls.trained
+
+    first, n = run()
+    assert n == 1 and first.saved["data"]["version"] == 2
+    assert run(images=11)[1] == 0  # what was written, not how: the same benchmark
+    assert run(version=3)[1] == 1 and run(version=3)[1] == 0
+    assert run(sizes={"eval_queries": 50})[1] == 1
+    (data / "synthetic.json").unlink()  # real M-BEIR: no manifest, identity None
+    assert train_or_load(tmp_path / "m", _Recipe(3), _Calls(_Recipe(3)).build, _Calls(_Recipe(3)).train,
+                         data=data).saved["data"] is None
 
 
 def test_train_or_load_keeps_a_log_in_parts(tmp_path):

@@ -97,6 +97,17 @@ def saved_log(directory: str | Path) -> Log:
     return _log_from_json(load_checkpoint(directory)[1].get("log"))
 
 
+def data_identity(root: str | Path | None) -> dict[str, Any] | None:
+    """What a model was trained on, as train-or-load compares it: for the synthetic benchmark, its
+    manifest's identity (generator version, size, seed, image size), so a checkpoint trained on
+    another version of the benchmark is not reused; None for real M-BEIR (a fixed release) or no root."""
+    manifest = Path(root) / "synthetic.json" if root is not None else None
+    if manifest is None or not manifest.is_file():
+        return None
+    written = json.loads(manifest.read_text())
+    return {k: written.get(k) for k in ("generator", "version", "size", "seed", "image_px", "sizes")}
+
+
 def train_or_load(
     directory: str | Path,
     recipe: Any,
@@ -105,23 +116,26 @@ def train_or_load(
     device: str | torch.device = "cpu",
     force: bool = False,
     extra: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+    data: str | Path | None = None,
 ) -> Trained:
     """Load the model of `recipe` from `directory`, or train it and save it there.
 
     `build()` makes the untrained model (the same recipe gives the same weights); `train(model)`
-    trains it in place and returns its log. The checkpoint is reused when it is complete and its
-    recipe equals `recipe` (compared as JSON), unless `force`. A trained model is saved atomically
-    (`save_checkpoint`) with one schema: {"recipe", "complete": True, "log", **extra(model)}, so a
-    run killed while saving leaves the old checkpoint or none, never half of one.
+    trains it in place and returns its log. The checkpoint is reused when it is complete, its
+    recipe equals `recipe` (compared as JSON) and it was trained on the same data (`data`, the
+    M-BEIR-format root: `data_identity`), unless `force`. A trained model is saved atomically
+    (`save_checkpoint`) with one schema: {"recipe", "data", "complete": True, "log", **extra(model)},
+    so a run killed while saving leaves the old checkpoint or none, never half of one.
     """
-    wanted = as_json(recipe)
+    wanted, trained_on = as_json(recipe), data_identity(data)
     model = build()
     if has_checkpoint(directory) and not force:
         state, saved = load_checkpoint(directory)
-        if saved.get("complete") and saved.get("recipe") == wanted:
+        if saved.get("complete") and saved.get("recipe") == wanted and saved.get("data") == trained_on:
             model.load_state_dict(state)
             return Trained(model.to(device).eval(), _log_from_json(saved.get("log")), saved, True)
     log = train(model)
-    saved = {"recipe": wanted, "complete": True, "log": _log_to_json(log), **(extra(model) if extra else {})}
+    saved = {"recipe": wanted, "data": trained_on, "complete": True, "log": _log_to_json(log),
+             **(extra(model) if extra else {})}
     save_checkpoint(directory, model, saved)
     return Trained(model.to(device).eval(), log, saved, False)

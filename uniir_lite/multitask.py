@@ -223,7 +223,7 @@ def train_or_load_uniir(
     directory = checkpoint_path(cfg, recipe, name)
     trained = train_or_load(directory, recipe, lambda: model,
                             lambda m: train_uniir(m, cfg, root, recipe=recipe, checkpoint_dir=directory, progress=progress),
-                            cfg.device, force)
+                            cfg.device, force, data=root)
     return trained.model, trained.log
 
 

@@ -70,7 +70,7 @@ def train_or_load_blip(cfg: Config, root: str | Path, steps: int | None = None, 
     def shortlist(model: BlipMED) -> dict:
         return {"lm_shortlist": None if model.lm_shortlist is None else model.lm_shortlist.tolist()}
 
-    trained = train_or_load(directory, recipe, lambda: model, train, cfg.device, force, extra=shortlist)
+    trained = train_or_load(directory, recipe, lambda: model, train, cfg.device, force, extra=shortlist, data=root)
     if trained.saved.get("lm_shortlist") is not None:
         model.lm_shortlist = torch.tensor(trained.saved["lm_shortlist"])
     return trained.model, trained.log

@@ -132,7 +132,7 @@ def train_or_load_clip(cfg: Config, root: str | Path, progress: bool = False, fo
     model, tokenizer = init_clip(cfg, recipe)
     trained = train_or_load(clip_checkpoint_dir(cfg), recipe, lambda: model,
                             lambda m: fit_clip(m, tokenizer, cfg, root, recipe, progress), cfg.device, force,
-                            extra=lambda m: {"model_cfg": m.uniir_model_cfg})
+                            extra=lambda m: {"model_cfg": m.uniir_model_cfg}, data=root)
     return trained.model, tokenizer
 
 

@@ -118,5 +118,5 @@ def train_or_load_instructblip(cfg: Config, root: str | Path, progress: bool = F
         return fit_vqa_pair(models, cfg, recipe, examples, image_embeds.to(cfg.device), progress=progress)
 
     trained = train_or_load(instructblip_checkpoint_dir(cfg), recipe, lambda: build_vqa_pair(recipe, image_token_width(cfg)),
-                            train, cfg.device, force)
+                            train, cfg.device, force, data=root)
     return trained.model, trained.log
