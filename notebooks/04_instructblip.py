@@ -701,6 +701,13 @@ metrics = {
     "guard_image_used_with_tokens": float(used > 0),
     "guard_raised": float(guard_raised),
 }
+display(Markdown("\n".join([
+    "**In this run.**",
+    "- " + verdict(held_in, held_in_diff, "the held-in tasks"),
+    "- " + verdict(zero_shot, zero_shot_diff, "the new wording (zero-shot)"),
+    "- " + verdict(held_out, held_out_diff, "the held-out tasks (linear probe)"),
+    "- " + attention_sentence,
+])))
 record_metrics("04_instructblip", metrics, cfg)
 
 # %% [markdown]
@@ -714,18 +721,9 @@ record_metrics("04_instructblip", metrics, cfg)
 #   with it and knows only its training answers, so held-out tasks with new answer words can only
 #   be probed (a readout trained on their labels), not answered zero-shot.
 # - Headline differences come with bootstrap intervals; what this run shows (held-in, new wording,
-#   probe, attention) is written from the numbers in the cell below.
+#   probe, attention) is written from the numbers just above.
 # - transformers' InstructBLIP needs `num_query_tokens` copies of `image_token_index` in the prompt;
 #   without them it silently ignores the image. `check_image_tokens` turns that into an error.
-
-# %%
-display(Markdown("\n".join([
-    "**In this run.**",
-    "- " + verdict(held_in, held_in_diff, "the held-in tasks"),
-    "- " + verdict(zero_shot, zero_shot_diff, "the new wording (zero-shot)"),
-    "- " + verdict(held_out, held_out_diff, "the held-out tasks (linear probe)"),
-    "- " + attention_sentence,
-])))
 
 # %% [markdown]
 # ## Exercises
