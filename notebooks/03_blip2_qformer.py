@@ -437,8 +437,9 @@ assert torch.allclose(sim, library_sim) and torch.allclose(loss_itc, library_los
 # confusing. As in BLIP-2, `blip2.itm_loss` keeps **one positive to two negatives**: for a batch of
 # $B$ pairs it classifies $3B$ sequences, the $B$ matching pairs, each image with its hard negative
 # text, and each text with its hard negative image. One change from BLIP-2: we count each match twice,
-# so the two classes weigh equally. Unweighted, our tiny head learned to answer "no match" every time
-# (right on two thirds of its training sequences, and at exactly 0.500 on every balanced test).
+# so the two classes weigh equally. Unweighted, our tiny head learned to answer "no match" every time:
+# right on the two thirds of its training sequences that are negatives, and at chance on every
+# balanced test.
 #
 # **ITG.** The captioning loss of a language model, with `[DEC]` in place of `[CLS]` and the
 # multimodal causal mask: token $w_{k+1}$ is predicted from the queries and $w_{\le k}$,
