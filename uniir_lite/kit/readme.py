@@ -83,10 +83,11 @@ HEADLINES: dict[str, dict[str, str]] = {
 FIGURES: tuple[tuple[str, str], ...] = (
     ("01_training_curves.png",
      "Notebook 01 trains a tiny CLIP: the InfoNCE loss falls from log N, in-batch accuracy climbs "
-     "above chance, and the learned temperature moves."),
+     "above chance, and the learned temperature moves only a little in so few steps (the notebook says why)."),
     ("06_ff_vs_sf.png",
-     "Notebook 06: feature fusion (CLIP_FF, BLIP_FF) minus score fusion (CLIP_SF), per row of the "
-     "paper's table, at an equal training budget; a bar left of 0 is a row where score fusion retrieves better."),
+     "Notebook 06: feature fusion minus score fusion on the same towers (CLIP_FF - CLIP_SF, BLIP_FF - BLIP_SF), "
+     "per row of the paper's table, at an equal training budget; a bar left of 0 is a row where score fusion "
+     "retrieves better. The notebook sets the 2x2 beside the paper's Table 2."),
     ("07_modality_error.png",
      "Notebook 07: share of the top 5 in the global pool with the wrong modality, with and without "
      "instructions."),
