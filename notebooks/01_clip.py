@@ -81,7 +81,7 @@ from uniir_lite.data.images import ImageLoader
 from uniir_lite.data.pairs import image_caption_pairs
 from uniir_lite.data.synthetic.scenes import COLOURS, GARMENTS, SHAPES
 from uniir_lite.evaluation import evaluate, load_pairs
-from uniir_lite.metrics import bootstrap_average, paper_numbers, paper_table, recall_at_k, wilson_interval
+from uniir_lite.metrics import bootstrap_average, diagonal_hits, paper_numbers, paper_table, recall_at_k, wilson_interval
 from uniir_lite.models.clip import (
     INIT_TEMPERATURE,
     MAX_LOGIT_SCALE,
@@ -727,12 +727,6 @@ pd.DataFrame(
 ).transpose()
 
 # %%
-def hits_at(q_emb, c_emb, k):
-    """[n] 1.0 where query i finds candidate i (its only positive) in its top k."""
-    _, idx = search(q_emb, c_emb, k)  # [n, k]
-    return (idx == torch.arange(len(q_emb))[:, None]).any(dim=1).float().numpy()
-
-
 temperature_logs, temperature_rows, temperature_hits = {}, {}, {}
 for name, tau in arms.items():
     run_recipe = ClipRecipe.from_config(cfg, steps=temperature_steps, fixed_temperature=tau)
@@ -740,7 +734,7 @@ for name, tau in arms.items():
     img_emb, txt_emb = embed_pairs(arm_model, test_pairs)
     final_scale = arm_log["logit_scale"].iloc[-1]
     temperature_logs[name] = arm_log
-    temperature_hits[name] = {f"{direction} R@{k}": hits_at(q, c, k) for k in (1, 5, 10)
+    temperature_hits[name] = {f"{direction} R@{k}": diagonal_hits(q @ c.T, k) for k in (1, 5, 10)
                               for direction, q, c in [("text → image", txt_emb, img_emb), ("image → text", img_emb, txt_emb)]}
     temperature_rows[name] = {"final s": final_scale, "first loss": arm_log["loss"].iloc[0], "final loss": arm_log["loss"].iloc[-1],
                               "loss floor": loss_floor(final_scale),
@@ -817,7 +811,7 @@ else:
     long_hits = {}
     for name, clip_model in [("fixed high τ", long_high), ("learned τ", model)]:
         img_emb, txt_emb = embed_pairs(clip_model, test_pairs)
-        long_hits[name] = {"text → image": hits_at(txt_emb, img_emb, 5), "image → text": hits_at(img_emb, txt_emb, 5)}
+        long_hits[name] = {"text → image": diagonal_hits(txt_emb @ img_emb.T, 5), "image → text": diagonal_hits(img_emb @ txt_emb.T, 5)}
     long_r5 = {name: float(np.mean([h.mean() for h in hits.values()])) for name, hits in long_hits.items()}
     long_gain = bootstrap_average(long_hits["learned τ"], long_hits["fixed high τ"])
     p_max = math.e / (math.e + (cfg.batch_size - 1) / math.e)  # softmax of the positive at s = 1, cosines +1 and -1

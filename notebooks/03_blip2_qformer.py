@@ -78,7 +78,7 @@ from PIL import Image
 import uniir_lite
 from uniir_lite import record_metrics
 from uniir_lite.data.images import ImageLoader
-from uniir_lite.metrics import bootstrap_average, diagonal_recall_at_k, wilson_interval
+from uniir_lite.metrics import bootstrap_average, diagonal_hits, diagonal_recall_at_k, wilson_interval
 from uniir_lite.models.clip import encode_images, encode_texts
 from uniir_lite.models import blip2
 from uniir_lite.models import qformer as qf
@@ -479,7 +479,7 @@ pd.DataFrame({"untrained model, this small batch": {k: float(v) for k, v in out.
 # before the queries have seen any text, so a match must be judged by one self-attention and one
 # feed-forward block. The tiny recipe reads the image in both layers (`cross_attention_frequency = 1`);
 # the `gpu` profile keeps BLIP-2's every other layer. (Exercise 3 puts it back.) Whether that is enough
-# for ITM to learn in 200 steps, the next cells measure.
+# for ITM to learn in stage 1's few hundred steps, the next cells measure.
 
 # %%
 stage1, tok = train_or_load_qformer(cfg, root, data=train, tokenizer=tok)
@@ -584,7 +584,7 @@ display(Markdown(f"ITM AUC against the hardest wrong caption: {auc['untrained']:
                  + ("The match score does rank true pairs above hard wrong ones, even where the yes/no answer does not show it."
                     if auc["trained"] > 0.55 else
                     "So in this run the ITM head has not learned to match on hard negatives: with a two-layer Q-Former, "
-                    "200 steps and negatives that are often captions of near-identical drawings, the loss settles near a constant answer"
+                    f"{stage1_recipe.steps} steps and negatives that are often captions of near-identical drawings, the loss settles near a constant answer"
                     ". Retrieval (ITC) and generation (ITG) are learned; matching is not, at this size.")))
 
 # %% [markdown]
@@ -603,15 +603,10 @@ clip_scores = clip_img @ clip_txt.T  # [N, N]: image i vs caption of image j
 qformer_scores = blip2.retrieval_scores(stage1, test)  # [N, N]
 
 
-def diagonal_hits(scores, k=5):
-    """[N] 1.0 where query i's own candidate i is in its top k."""
-    return (scores.topk(k, dim=1).indices == torch.arange(len(scores))[:, None]).any(dim=1).double().numpy()
-
-
 versus, hits = {}, {}
 for direction, transpose in [("image→text", False), ("text→image", True)]:
     for name, sc in [("Q-Former (stage 1)", qformer_scores), ("CLIP (notebook 01)", clip_scores)]:
-        hits[(direction, name)] = diagonal_hits(sc.T if transpose else sc)
+        hits[(direction, name)] = diagonal_hits(sc.T if transpose else sc, 5)
         p = float(hits[(direction, name)].mean())
         assert abs(p - diagonal_recall_at_k(sc.T if transpose else sc, 5)) < 1e-9
         versus[(direction, name)] = {"R@5": p, "95% low": wilson_interval(p, n_test)[0], "95% high": wilson_interval(p, n_test)[1]}

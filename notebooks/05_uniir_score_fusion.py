@@ -367,7 +367,7 @@ print(f"in-batch loss on {len(q_emb)} queries: {ours.item():.3f} (uniform guess:
 # 105 queries on each of 8 GPUs (`reference/uniir.md`); the `gpu` and `full` profiles use that rate.
 # The `tiny` profile starts from notebook 01's tiny CLIP, trained from random init for a few
 # hundred steps: far from converged, and a few hundred steps at 1e-5 would hardly move it. So tiny
-# trains at 1e-3 with 10 warm-up steps. Side by side:
+# trains at a much larger rate with a short warm-up. Side by side:
 
 # %%
 uniir_recipe = {"learning rate": 1e-5, "warm-up steps": 0, "schedule": "cosine", "weight decay": 0.2,
@@ -449,7 +449,8 @@ table.round(1)
 # %% [markdown]
 # **What is comparable with the paper.** The paper's columns (Table 6, M-BEIR_local) come from a
 # ViT-L/14 CLIP pre-trained on 400 M image–text pairs and real M-BEIR; ours from a tiny CLIP
-# trained for minutes on synthetic data whose pools have 250 candidates. The *levels* are not
+# trained for minutes on synthetic data whose local pools are far smaller than M-BEIR's (notebook 00
+# prints their sizes). The *levels* are not
 # comparable (our pools are small and our data is built to be learnable, so some of our rows are far
 # above the paper's). The *shape* is: is the trained model above the zero-shot one, on how many
 # rows, and where is the zero-shot model at chance. The headline difference, trained minus

@@ -503,7 +503,7 @@ plt.show()
 
 # %% [markdown]
 # The same, per group of tasks: cross-modal (tasks 1 and 4), same modality (2 and 5), text to
-# image–text (3) and composed queries (6, 7, 8). A group holds 2 to 5 rows of 150 queries, so a few
+# image–text (3) and composed queries (6, 7, 8). A group holds 2 to 5 rows of a test split's queries, so a few
 # points between two models is within the noise.
 
 # %%

@@ -22,6 +22,7 @@ from uniir_lite.metrics import (
     modality_error_at_k,
     ndcg_at_k,
     bootstrap_average,
+    diagonal_hits,
     paper_numbers,
     paper_table,
     recall_at_k,
@@ -390,3 +391,7 @@ def test_diagonal_recall_at_k_by_hand() -> None:
     assert diagonal_recall_at_k(scores, 3) == 1.0
     assert diagonal_recall_at_k(scores, 10) == 1.0  # k past the number of candidates
     assert diagonal_recall_at_k(scores.numpy(), 2) == pytest.approx(2 / 3)
+    assert diagonal_hits(scores, 2).tolist() == [1.0, 1.0, 0.0]  # the same ranks, query by query
+    assert diagonal_hits(scores.numpy(), 10).tolist() == [1.0, 1.0, 1.0]
+    noisy = torch.randn(40, 40)
+    assert diagonal_hits(noisy, 5).mean() == pytest.approx(diagonal_recall_at_k(noisy, 5))

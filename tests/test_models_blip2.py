@@ -164,6 +164,11 @@ def test_itm_loss_is_one_positive_to_two_hard_negatives():
     assert torch.equal(seen["ids"][:4], input_ids) and torch.equal(seen["ids"][8:], input_ids)  # texts with a wrong image
     for i in range(4):
         assert not torch.equal(seen["ids"][4 + i], input_ids[i]) and not torch.equal(seen["images"][8 + i], image_embeds[i])
+    # matches count twice: always answering "no match" costs the weighted mean of the two classes' losses
+    model.itm_logits = lambda images, ids, masks: torch.tensor([[2.0, 0.0]] * 12)
+    loss, accuracy = blip2.itm_loss(model, image_embeds, input_ids, text_mask, torch.randn(4, 4))
+    wrong, right = (torch.nn.functional.cross_entropy(torch.tensor([[2.0, 0.0]]), torch.tensor([c])) for c in (1, 0))
+    assert accuracy == pytest.approx(2 / 3) and loss == pytest.approx(float((2 * 4 * wrong + 8 * right) / 16))
 
 
 def test_stage1_loss_falls_when_training():

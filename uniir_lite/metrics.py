@@ -111,6 +111,17 @@ def diagonal_recall_at_k(scores, k: int) -> float:
     return recall_at_k(run, {f"q{i}": {f"c{i}": 1} for i in range(scores.shape[0])}, k)
 
 
+def diagonal_hits(scores, k: int) -> np.ndarray:
+    """[n_queries] 1.0 where query i's only positive, candidate i, is in its top k (ties broken as
+    `scores.topk` breaks them): the per-query hits behind `diagonal_recall_at_k`, which intervals
+    (`wilson_interval`, `bootstrap_average`) resample."""
+    import torch
+
+    scores = torch.as_tensor(scores)
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [n, k]
+    return (top == torch.arange(scores.shape[0])[:, None]).any(dim=1).double().numpy()
+
+
 # ---------------------------------------------------------------------------------------------
 # Standard measures through an independent library (ir_measures, backend pytrec_eval)
 # ---------------------------------------------------------------------------------------------

@@ -480,26 +480,16 @@ def answer_hits(model: InstructVQA, examples: Examples, image_embeds: torch.Tens
     return (logits.argmax(-1) == truth).float()
 
 
-def answer_accuracy(model: InstructVQA, examples: Examples, image_embeds: torch.Tensor, task: str) -> float:
-    """The mean of `answer_hits`: accuracy on `task`."""
-    return float(answer_hits(model, examples, image_embeds, task).mean())
-
-
 def hidden_states(model: InstructVQA, examples: Examples, image_embeds: torch.Tensor) -> torch.Tensor:
     """[n, width] pooled answer-head states of every example (frozen model)."""
     device = next(model.parameters()).device
     return _batched(model.eval().hidden, examples, image_embeds, device)
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 n_classes: int, steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> float:
-    """Test accuracy of a softmax classifier trained, full batch, on frozen features (standardised)."""
-    return float(linear_probe_hits(train_x, train_y, test_x, test_y, n_classes, steps, lr, weight_decay, seed).mean())
-
-
 def linear_probe_hits(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                       n_classes: int, steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> torch.Tensor:
-    """[n_test] 1.0 where `linear_probe`'s classifier is right (for intervals on its accuracy)."""
+    """[n_test] 1.0 where a softmax classifier, trained full batch on frozen (standardised) features,
+    is right on the test features: its mean is the probe's accuracy, its spread gives an interval."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     g = torch.Generator().manual_seed(seed)
@@ -514,12 +504,6 @@ def linear_probe_hits(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
         opt.step()
     with torch.no_grad():
         return (w(test_x).argmax(-1) == test_y).float()
-
-
-def probe_task(model: InstructVQA, train: Examples, test: Examples, train_embeds: torch.Tensor,
-               test_embeds: torch.Tensor, task: str, seed: int = 0) -> float:
-    """The mean of `probe_hits`: test accuracy of a linear probe on the held-out `task`."""
-    return float(probe_hits(model, train, test, train_embeds, test_embeds, task, seed).mean())
 
 
 def probe_hits(model: InstructVQA, train: Examples, test: Examples, train_embeds: torch.Tensor,
